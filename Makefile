@@ -1,0 +1,51 @@
+# make install | demo | test | lint | format | bench | clean
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= data,hf,dev
+# GPU machines take whatever torch the package's range resolves to; CPU machines pin the local CPU build so
+# no CUDA wheels are downloaded.
+CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints/cpu.txt)
+DEMO_DATA := runs/demo_data
+DEMO_NPROC ?= 2
+
+.PHONY: install demo test lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints/cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	touch $@
+
+$(DEMO_DATA)/stdlib.jsonl: | install
+	$(BIN)/bigscience data corpus --output $@
+
+$(DEMO_DATA)/tokenizer.json: $(DEMO_DATA)/stdlib.jsonl
+	$(BIN)/bigscience data tokenizer --input $< --output $@ --vocab-size 8192
+
+$(DEMO_DATA)/stdlib_text_document.idx: $(DEMO_DATA)/stdlib.jsonl $(DEMO_DATA)/tokenizer.json
+	$(BIN)/bigscience data preprocess --input $< --output-prefix $(DEMO_DATA)/stdlib_text_document \
+		--tokenizer $(DEMO_DATA)/tokenizer.json --workers 2 --append-eod
+
+demo: install $(DEMO_DATA)/stdlib_text_document.idx
+	rm -rf runs/demo
+	$(BIN)/torchrun --standalone --nproc_per_node $(DEMO_NPROC) -m bigscience_train.train experiment=demo
+
+test: install
+	$(BIN)/pytest -q tests
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: install
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,145 @@
+"""Save and load RUN/checkpoints/step_NNNNNNN/ with DCP.
+
+Commit protocol: every rank writes its shards into a hidden temporary directory; after a barrier rank 0
+writes meta.json, renames the directory to its final name and then atomically replaces the `latest` file.
+A process killed at any moment leaves the previous `latest` intact; temporary directories are ignored,
+reported and cleaned at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from bigscience_train.fsutil import atomic_write_text
+
+LATEST = "latest"
+TMP_PREFIX = ".tmp_"
+
+
+@dataclass
+class TrainState:
+    """Everything beyond weights and optimizer that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    skipped_steps: int = 0
+    loss_scaler: dict = field(default_factory=dict)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] or 0],
+        "python_version": random.getstate()[0],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((state["python_version"], tuple(py[:-1]), py[-1] or None))
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every call without a process group that it assumes a single process: it is one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, penv):
+        self.root = Path(root)
+        self.penv = penv
+
+    def latest(self) -> Path | None:
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+        return path
+
+    def clean_incomplete(self) -> list[Path]:
+        """Temporary directories of interrupted saves: reported and removed by rank 0."""
+        stale = sorted(self.root.glob(f"{TMP_PREFIX}*")) if self.root.is_dir() else []
+        if self.penv.is_rank0:
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True)
+        self.penv.barrier()
+        return stale
+
+    def save(self, model, optimizer, state: TrainState, config_yaml: str, metadata: dict) -> Path:
+        name = step_dir_name(state.step)
+        final, tmp = self.root / name, self.root / f"{TMP_PREFIX}{name}"
+        start = time.perf_counter()
+        if self.penv.is_rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.penv.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with _single_process_quiet():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        torch.save({"rng": rng_state()}, tmp / f"rank_{self.penv.rank:05d}.pt")
+        self.penv.barrier()
+        if self.penv.is_rank0:
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=2))
+            shards = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            meta = {
+                **metadata,
+                **asdict(state),
+                "shards": shards,
+                "save_seconds": time.perf_counter() - start,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            atomic_write_text(self.root / LATEST, name + "\n")
+        self.penv.barrier()
+        return final
+
+    def load(self, path: Path, model, optimizer) -> TrainState:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        to_load = {"model": model_sd, "optim": optim_sd}
+        with _single_process_quiet():
+            dcp.load(to_load, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"])
+        rank_file = path / f"rank_{self.penv.rank:05d}.pt"
+        if rank_file.is_file():
+            set_rng_state(torch.load(rank_file, weights_only=True)["rng"])
+        return TrainState(**json.loads((path / "train_state.json").read_text()))

@@ -1,0 +1,25 @@
+"""Typed run configuration: schema, Hydra composition and validation."""
+
+from bigscience_train.config.load import OverrideError, load_config, to_yaml
+from bigscience_train.config.schema import RunConfig
+from bigscience_train.config.validate import (
+    ConfigError,
+    config_problems,
+    data_parallel_size,
+    padded_vocab_size,
+    parse_blend,
+    validate,
+)
+
+__all__ = [
+    "ConfigError",
+    "OverrideError",
+    "RunConfig",
+    "config_problems",
+    "data_parallel_size",
+    "load_config",
+    "padded_vocab_size",
+    "parse_blend",
+    "to_yaml",
+    "validate",
+]

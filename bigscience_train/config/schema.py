@@ -1,0 +1,177 @@
+"""Typed structured config of a run. Hydra's YAML tree in configs/ fills these dataclasses.
+
+Every field is declared here, so an override of an unknown key (a typo) is an error, and every value is
+type-checked by OmegaConf when the config is composed. Cross-field rules live in `validate.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from omegaconf import MISSING
+
+
+class Position(str, Enum):
+    alibi = "alibi"
+    learned = "learned"
+    rotary = "rotary"
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class DecayStyle(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+# Names a YAML value can spell ("1f1b" is no identifier, so this one is a checked string, not an Enum).
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+class DataParallelShard(str, Enum):
+    none = "none"
+    zero2 = "zero2"
+    zero3 = "zero3"
+
+
+class Recompute(str, Enum):
+    none = "none"
+    selective = "selective"
+    full = "full"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    num_heads: int = MISSING
+    seq_length: int = MISSING
+    # Vocabulary of the tokenizer; the embedding is padded to a multiple of
+    # make_vocab_size_divisible_by * tp, as Megatron does, so each TP rank holds an equal slice.
+    vocab_size: int = 50257
+    make_vocab_size_divisible_by: int = 128
+    position: Position = Position.alibi
+    embedding_layernorm: bool = True
+    tie_embeddings: bool = True
+    layernorm_epsilon: float = 1e-5
+    init_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    rotary_base: float = 10000.0
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    # null: inferred as world_size / (tp * pp).
+    dp: int | None = None
+    sequence_parallel: bool = False
+    pp_schedule: str = "1f1b"
+    virtual_stages: int = 1
+    # Count the embedding and the output layer as one transformer layer each when balancing stages
+    # (BigScience's partition method type:transformer|embedding): (layers + 2) % (pp * virtual_stages) == 0.
+    pp_count_embeddings: bool = False
+    dp_shard: DataParallelShard = DataParallelShard.none
+    recompute: Recompute = Recompute.none
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Dtype = Dtype.fp32
+    # fp16 dynamic loss scaling, the values BigScience used on Jean Zay.
+    initial_scale_power: int = 12
+    loss_scale_window: int = 500
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # Megatron-style blend: [weight, prefix, weight, prefix, ...] or [prefix].
+    blend: list[str] = field(default_factory=list)
+    split: str = "949,50,1"
+    tokenizer: str = MISSING
+    seed: int = 1234
+    cache_dir: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    decay_style: DecayStyle = DecayStyle.cosine
+    warmup_samples: int = 0
+    # Decay length: by samples, or by tokens as BigScience did (--lr-decay-tokens). Exactly one is set.
+    decay_samples: int | None = None
+    decay_tokens: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    # Megatron's --rampup-batch-size: [start, increment, ramp samples]; empty for no ramp-up.
+    rampup_batch_size: list[int] = field(default_factory=list)
+    # The run ends at whichever of iters / tokens comes first; at least one is set.
+    iters: int | None = None
+    tokens: int | None = None
+    eval_interval: int = 100
+    eval_iters: int = 10
+    exit_duration_minutes: float | None = None
+    # Megatron's --exit-interval: save and exit after a step divisible by this (the run resumes later).
+    exit_interval: int | None = None
+    seed: int = 1234
+    # auto: continue from RUN/checkpoints/latest when there is one; never: always start fresh.
+    resume: str = "auto"
+    # Stop with an error after this many consecutive non-finite losses (each such step is skipped).
+    max_consecutive_nonfinite: int = 5
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000
+    save_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard: bool = True
+    # auto: a progress bar on a terminal, plain lines otherwise.
+    progress: str = "auto"
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    # Key into the peak FLOP/s table (cpu: measured matmul peak).
+    device: str = "cpu"
+    gpus_per_node: int = 0
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str = "runs/${name}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -1,0 +1,207 @@
+"""Cross-field rules of a run config, checked before any process group starts.
+
+All problems are collected and raised together, each naming the fields and values involved.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from bigscience_train.config.schema import PIPELINE_SCHEDULES, RunConfig
+
+PROGRESS_MODES = ("auto", "bar", "plain")
+RESUME_MODES = ("auto", "never")
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")
+
+
+def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
+    """parallel.dp when set, else what the world size leaves after tp and pp."""
+    if cfg.parallel.dp is not None:
+        return cfg.parallel.dp
+    return max(world_size // (cfg.parallel.tp * cfg.parallel.pp), 1)
+
+
+def parse_blend(blend: list[str]) -> tuple[list[str], list[float] | None]:
+    """Megatron's blend syntax: [prefix] or [weight, prefix, weight, prefix, ...]."""
+    if len(blend) == 1:
+        return [str(blend[0])], None
+    if len(blend) % 2:
+        raise ValueError(f"data.blend has {len(blend)} entries; expected [prefix] or weight/prefix pairs")
+    weights, prefixes = [], []
+    for i in range(0, len(blend), 2):
+        try:
+            weights.append(float(blend[i]))
+        except ValueError:
+            raise ValueError(f"data.blend[{i}]={blend[i]!r} is not a weight (a number)") from None
+        prefixes.append(str(blend[i + 1]))
+    return prefixes, weights
+
+
+def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
+    """Every rule the config breaks, as messages naming fields and values. Files are not checked here."""
+    m, par, tr, opt = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    problems: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    for name in ("num_layers", "hidden_size", "num_heads", "seq_length", "vocab_size"):
+        need(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive")
+    for name in ("tp", "pp", "virtual_stages"):
+        need(getattr(par, name) >= 1, f"parallel.{name}={getattr(par, name)} must be >= 1")
+    if problems:
+        return problems
+
+    need(
+        m.hidden_size % m.num_heads == 0,
+        f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}",
+    )
+    need(
+        m.position.value != "rotary" or (m.hidden_size // m.num_heads) % 2 == 0,
+        f"model.position=rotary needs an even head size, got hidden_size/num_heads={m.hidden_size / m.num_heads:g}",
+    )
+    need(m.num_heads % par.tp == 0, f"model.num_heads={m.num_heads} is not divisible by parallel.tp={par.tp}")
+    stages = par.pp * par.virtual_stages
+    units = m.num_layers + (2 if par.pp_count_embeddings else 0)
+    need(
+        units % stages == 0,
+        f"model.num_layers={m.num_layers}"
+        + (" (+2 for embedding and output, parallel.pp_count_embeddings)" if par.pp_count_embeddings else "")
+        + f" is not divisible by parallel.pp={par.pp} x parallel.virtual_stages={par.virtual_stages}",
+    )
+    need(
+        par.pp_schedule in PIPELINE_SCHEDULES,
+        f"parallel.pp_schedule={par.pp_schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}",
+    )
+    need(
+        par.virtual_stages == 1 or par.pp_schedule == "interleaved_1f1b",
+        f"parallel.virtual_stages={par.virtual_stages} needs parallel.pp_schedule=interleaved_1f1b",
+    )
+    need(not par.sequence_parallel or par.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1")
+
+    if par.dp is not None:
+        need(par.dp >= 1, f"parallel.dp={par.dp} must be >= 1")
+        need(
+            par.tp * par.pp * par.dp == world_size,
+            f"world size {world_size} != parallel.tp={par.tp} x parallel.pp={par.pp} x parallel.dp={par.dp}",
+        )
+    else:
+        need(
+            world_size % (par.tp * par.pp) == 0,
+            f"world size {world_size} is not divisible by parallel.tp={par.tp} x parallel.pp={par.pp}",
+        )
+    dp = data_parallel_size(cfg, world_size)
+
+    mbs, gbs = tr.micro_batch_size, tr.global_batch_size
+    need(mbs >= 1, f"train.micro_batch_size={mbs} must be >= 1")
+    need(gbs >= 1, f"train.global_batch_size={gbs} must be >= 1")
+    if mbs >= 1 and dp >= 1:
+        need(
+            gbs % (mbs * dp) == 0,
+            f"train.global_batch_size={gbs} is not divisible by train.micro_batch_size={mbs} x dp={dp}",
+        )
+        problems += rampup_problems(list(tr.rampup_batch_size), gbs, mbs * dp)
+    need(
+        tr.iters is not None or tr.tokens is not None, "set train.iters or train.tokens (the run has no end)"
+    )
+    for name in ("iters", "tokens", "exit_duration_minutes", "exit_interval"):
+        value = getattr(tr, name)
+        need(value is None or value > 0, f"train.{name}={value} must be positive")
+    need(tr.resume in RESUME_MODES, f"train.resume={tr.resume!r} is not one of {', '.join(RESUME_MODES)}")
+    need(tr.eval_interval >= 1, f"train.eval_interval={tr.eval_interval} must be >= 1")
+    need(tr.eval_iters >= 0, f"train.eval_iters={tr.eval_iters} must be >= 0")
+    need(cfg.checkpoint.interval >= 1, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 1")
+    need(cfg.logging.log_interval >= 1, f"logging.log_interval={cfg.logging.log_interval} must be >= 1")
+    need(
+        cfg.logging.progress in PROGRESS_MODES,
+        f"logging.progress={cfg.logging.progress!r} is not one of {', '.join(PROGRESS_MODES)}",
+    )
+
+    need(opt.lr > 0, f"optim.lr={opt.lr} must be positive")
+    need(0 <= opt.min_lr <= opt.lr, f"optim.min_lr={opt.min_lr} must be between 0 and optim.lr={opt.lr}")
+    need(opt.warmup_samples >= 0, f"optim.warmup_samples={opt.warmup_samples} must be >= 0")
+    need(
+        opt.decay_samples is None or opt.decay_tokens is None,
+        "set at most one of optim.decay_samples and optim.decay_tokens",
+    )
+    for name in ("decay_samples", "decay_tokens"):
+        value = getattr(opt, name)
+        need(value is None or value > 0, f"optim.{name}={value} must be positive")
+    need(opt.clip_grad >= 0, f"optim.clip_grad={opt.clip_grad} must be >= 0 (0 disables clipping)")
+
+    try:
+        parse_blend(list(cfg.data.blend))
+    except ValueError as e:
+        problems.append(str(e))
+    split = [s for s in str(cfg.data.split).replace("/", ",").split(",") if s.strip()]
+    try:
+        ok = len(split) <= 3 and all(float(s) >= 0 for s in split) and sum(map(float, split)) > 0
+    except ValueError:
+        ok = False
+    need(ok, f"data.split={cfg.data.split!r} must be up to 3 non-negative numbers, e.g. '949,50,1'")
+    return problems
+
+
+def rampup_problems(rampup: list[int], gbs: int, step: int) -> list[str]:
+    """Megatron's --rampup-batch-size rules; `step` is micro batch x dp, the unit every batch size needs."""
+    if not rampup:
+        return []
+    if len(rampup) != 3:
+        return [f"train.rampup_batch_size={rampup} must be [start, increment, ramp_samples]"]
+    start, inc, samples = rampup
+    problems = []
+    if not (0 < start <= gbs):
+        problems.append(
+            f"train.rampup_batch_size start={start} must be in (0, train.global_batch_size={gbs}]"
+        )
+    if inc <= 0:
+        problems.append(f"train.rampup_batch_size increment={inc} must be positive")
+    elif (gbs - start) % inc:
+        problems.append(
+            f"train.global_batch_size={gbs} - start={start} is not divisible by the ramp-up increment={inc}"
+        )
+    if samples <= 0:
+        problems.append(f"train.rampup_batch_size ramp_samples={samples} must be positive")
+    for name, value in (("start", start), ("increment", inc)):
+        if value > 0 and value % step:
+            problems.append(
+                f"train.rampup_batch_size {name}={value} is not divisible by micro batch x dp={step}"
+            )
+    return problems
+
+
+def file_problems(cfg: RunConfig) -> list[str]:
+    """Inputs a training run reads, checked before it starts."""
+    problems = []
+    if not Path(cfg.data.tokenizer).is_file():
+        problems.append(f"data.tokenizer: no such file {cfg.data.tokenizer}")
+    prefixes, _ = parse_blend(list(cfg.data.blend))
+    if not prefixes:
+        problems.append("data.blend is empty: give at least one dataset prefix")
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                problems.append(f"data.blend: no such file {prefix}{suffix}")
+    return problems
+
+
+def validate(cfg: RunConfig, world_size: int = 1, check_files: bool = False) -> None:
+    problems = config_problems(cfg, world_size)
+    if check_files and not any(p.startswith("data.blend") for p in problems):
+        problems += file_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Vocab rounded up to a multiple of divisible_by * tp (Megatron's _vocab_size_with_padding)."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)

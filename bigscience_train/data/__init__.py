@@ -1,0 +1,1 @@
+"""Training data: tokenizer, megatron-core indexed datasets, blended GPT samples, resumable sampling."""

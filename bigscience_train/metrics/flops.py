@@ -1,0 +1,64 @@
+"""Model FLOPs and device peaks, for TFLOP/s and MFU.
+
+FLOPs per iteration follow Narayanan et al. 2021 ("Efficient Large-Scale Language Model Training on GPU
+Clusters using Megatron-LM", eq. 3): a transformer of l layers, hidden size h, sequence s, vocabulary V and
+batch B costs 24·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)) FLOPs forward, three times that for forward + backward
+(72·...), and four times with full activation recompute (96·...), which re-runs the forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+# Dense tensor-core peaks in TFLOP/s from the vendors' data sheets (SXM parts; fp32 without TF32).
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "v100": {"fp16": 125.0, "bf16": 0.0, "fp32": 15.7},
+    "a100": {"fp16": 312.0, "bf16": 312.0, "fp32": 19.5},
+    "h100": {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
+    "h200": {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
+}
+
+
+def flops_per_iteration(
+    batch: int, seq: int, layers: int, hidden: int, vocab: int, recompute: bool = False
+) -> float:
+    passes = 4 if recompute else 3
+    return (
+        24.0
+        * passes
+        * batch
+        * seq
+        * layers
+        * hidden**2
+        * (1 + seq / (6 * hidden) + vocab / (16 * layers * hidden))
+    )
+
+
+@functools.cache
+def measured_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 0.5) -> float:
+    """FLOP/s of an n x n matmul on this CPU with the current thread count: the CPU's practical peak."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)  # warm-up: thread pool and caches
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        reps += 1
+    return 2.0 * n**3 * reps / (time.perf_counter() - start)
+
+
+def peak_flops(device: str, dtype: str) -> float:
+    """Peak FLOP/s of one device: the data-sheet figure for GPUs, a measured matmul for the CPU."""
+    if device == "cpu":
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        return measured_matmul_peak(torch_dtype)
+    if device not in PEAK_TFLOPS:
+        raise ValueError(
+            f"cluster.device={device!r} has no peak FLOP/s entry (known: cpu, {', '.join(PEAK_TFLOPS)})"
+        )
+    peak = PEAK_TFLOPS[device][dtype]
+    if not peak:
+        raise ValueError(f"cluster.device={device} has no {dtype} support")
+    return peak * 1e12

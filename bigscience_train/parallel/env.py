@@ -1,0 +1,93 @@
+"""The process's place in the job: rank, world, device, and the (pp, dp, tp) DeviceMesh.
+
+Launchers: plain `python` (one process), torchrun (RANK/WORLD_SIZE/LOCAL_RANK), or srun with one task per
+rank (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR/MASTER_PORT set by the batch script).
+Backend: NCCL when CUDA is present, gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_DIMS = ("pp", "dp", "tp")
+
+
+def launcher_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables, else srun's, else a single process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "MASTER_ADDR" in os.environ:
+        rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+        os.environ.update(
+            RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0")
+        )
+        return rank, world, int(os.environ["LOCAL_RANK"])
+    return 0, 1, 0
+
+
+@dataclass
+class ParallelEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    tp: int
+    pp: int
+    dp: int
+    mesh: DeviceMesh | None
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+
+    def dp_group(self):
+        return self.mesh["dp"].get_group() if self.mesh is not None else None
+
+    def barrier(self) -> None:
+        if self.mesh is not None:
+            dist.barrier()
+
+    def all_reduce_max(self, value: float) -> float:
+        """Max over every rank of the job: for decisions all ranks must take together (stop, skip)."""
+        if self.mesh is None:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def dp_all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.mesh is not None and self.dp > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group())
+        return t
+
+
+def init_parallel(tp: int, pp: int, dp: int | None, timeout_minutes: float = 30.0) -> ParallelEnv:
+    rank, world, local_rank = launcher_env()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dp = dp if dp is not None else world // (tp * pp)
+    mesh = None
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
+    return ParallelEnv(rank, world, local_rank, device, tp, pp, dp, mesh)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

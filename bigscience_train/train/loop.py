@@ -1,0 +1,351 @@
+"""The training loop: micro-batches with gradient accumulation, batch-size ramp-up, LR schedule, AdamW,
+gradient clipping, mixed precision, periodic validation, checkpoints and metrics.
+
+Parallelism enters through `ParallelEnv` (ranks, mesh) and the wrapped model; the loop itself is the same for
+one process and for many.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+
+from bigscience_train import __version__
+from bigscience_train.checkpoint import CheckpointManager, TrainState
+from bigscience_train.checkpoint.dcp import step_dir_name
+from bigscience_train.config import to_yaml
+from bigscience_train.data.gpt_data import build_splits
+from bigscience_train.data.sampling import collate, micro_batch_indices
+from bigscience_train.data.tokenizer import Tokenizer
+from bigscience_train.fsutil import atomic_write_text
+from bigscience_train.metrics.flops import flops_per_iteration, peak_flops
+from bigscience_train.metrics.writer import MetricsWriter
+from bigscience_train.model import build_on_meta, count_parameters, materialize, shape_from_config
+from bigscience_train.parallel.env import ParallelEnv
+from bigscience_train.train.loss import masked_lm_loss_sum
+from bigscience_train.train.precision import DynamicLossScaler, autocast
+from bigscience_train.train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    stop_reason: str
+    first_val_loss: float | None
+    last_val_loss: float | None
+    checkpoint: Path | None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: torch.nn.Module, optim_cfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on biases and layernorm weights (Megatron's grouping)."""
+    params = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}.values()
+    decay = [p for _, p in params if p.ndim >= 2]
+    no_decay = [p for _, p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": optim_cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        groups,
+        lr=optim_cfg.lr,
+        betas=(optim_cfg.beta1, optim_cfg.beta2),
+        eps=optim_cfg.eps,
+        fused=fused,
+        foreach=not fused,
+    )
+
+
+class Trainer:
+    def __init__(self, cfg, penv: ParallelEnv):
+        self.cfg, self.penv = cfg, penv
+        self.run_dir = Path(cfg.run_dir)
+        self.start_time = time.monotonic()
+        tr = cfg.train
+        self.tokenizer = Tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ValueError(
+                f"data.tokenizer {cfg.data.tokenizer} has {self.tokenizer.vocab_size} tokens but "
+                f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size"
+            )
+        self.shape = shape_from_config(cfg.model, penv.tp)
+        seed_everything(tr.seed)
+        self.model = materialize(build_on_meta(self.shape), penv.device)
+        self.num_parameters = count_parameters(self.model)
+        self.wrapped = self.model
+        if penv.dp > 1:
+            self.wrapped = DistributedDataParallel(self.model, process_group=penv.dp_group())
+        self.optimizer = build_optimizer(self.model, cfg.optim, penv.device)
+        self.dtype = cfg.precision.dtype.value
+        self.scaler = DynamicLossScaler.from_config(cfg.precision) if self.dtype == "fp16" else None
+
+        self.batch_schedule = BatchSizeSchedule.from_config(tr.global_batch_size, list(tr.rampup_batch_size))
+        seq = cfg.model.seq_length
+        self.train_samples = total_train_samples(tr.iters, tr.tokens, seq, self.batch_schedule)
+        self.eval_samples = tr.eval_iters * tr.global_batch_size
+        opt = cfg.optim
+        by_tokens = opt.decay_tokens is not None
+        decay = opt.decay_tokens if by_tokens else (opt.decay_samples or self.train_samples)
+        warmup = opt.warmup_samples * seq if by_tokens else opt.warmup_samples
+        self.lr_by_tokens = by_tokens
+        self.lr_schedule = LRSchedule(opt.lr, opt.min_lr, warmup, decay, opt.decay_style.value)
+        self.splits = build_splits(
+            cfg.data, seq, self.tokenizer, (self.train_samples, self.eval_samples, None)
+        )
+
+        self.state = TrainState()
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", penv)
+        self.peak = peak_flops(cfg.cluster.device, self.dtype)
+        self.writer = None
+
+    # -- one optimizer step -------------------------------------------------------------------------------
+    def _micro_batches(self, dataset, consumed: int, global_batch: int):
+        tr = self.cfg.train
+        for indices in micro_batch_indices(
+            consumed, global_batch, tr.micro_batch_size, self.penv.dp_rank, self.penv.dp
+        ):
+            batch = collate(dataset, indices)
+            yield {k: v.to(self.penv.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> dict:
+        gbs = self.batch_schedule.at(self.state.consumed_samples)
+        num_micro = gbs // (self.cfg.train.micro_batch_size * self.penv.dp)
+        progress = self.state.consumed_tokens if self.lr_by_tokens else self.state.consumed_samples
+        lr = self.lr_schedule.at(progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.wrapped.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_scale = self.scaler.scale if self.scaler else 1.0
+        total = torch.zeros(2, dtype=torch.float64, device=self.penv.device)
+        for j, batch in enumerate(self._micro_batches(self.splits.train, self.state.consumed_samples, gbs)):
+            # DDP all-reduces gradients only on the last micro-batch of the step.
+            sync = j == num_micro - 1 or not isinstance(self.wrapped, DistributedDataParallel)
+            with (
+                contextlib.nullcontext() if sync else self.wrapped.no_sync(),
+                autocast(self.dtype, self.penv.device),
+            ):
+                loss_sum, count = masked_lm_loss_sum(
+                    self.wrapped(batch["tokens"]), batch["labels"], batch["loss_mask"]
+                )
+            ((loss_sum / count.clamp(min=1)) * (loss_scale / num_micro)).backward()
+            total += torch.stack([loss_sum.detach().double(), count.double()])
+        self.penv.dp_all_reduce_sum(total)
+        loss = (total[0] / total[1].clamp(min=1)).item()
+
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if loss_scale != 1.0:
+            torch._foreach_mul_([p.grad for p in params], 1.0 / loss_scale)
+        clip = self.cfg.optim.clip_grad
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")).item()
+        bad = self.penv.all_reduce_max(0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0) > 0
+        skipped = bad
+        if self.scaler is not None:
+            self.scaler.update(bad)
+        if not skipped:
+            self.optimizer.step()
+        self.state.step += 1
+        self.state.consumed_samples += gbs
+        self.state.consumed_tokens += gbs * self.cfg.model.seq_length
+        self.state.skipped_steps += int(skipped)
+        return {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "batch_size": gbs,
+            "skipped": skipped,
+            "loss_scale": loss_scale,
+        }
+
+    # -- validation ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        if self.splits.valid is None or self.cfg.train.eval_iters == 0:
+            return None
+        self.wrapped.eval()
+        gbs = self.cfg.train.global_batch_size
+        total = torch.zeros(2, dtype=torch.float64, device=self.penv.device)
+        # The same first eval_iters batches every time, so successive validation losses compare.
+        for i in range(min(self.cfg.train.eval_iters, len(self.splits.valid) // gbs)):
+            for batch in self._micro_batches(self.splits.valid, i * gbs, gbs):
+                with autocast(self.dtype, self.penv.device):
+                    loss_sum, count = masked_lm_loss_sum(
+                        self.wrapped(batch["tokens"]), batch["labels"], batch["loss_mask"]
+                    )
+                total += torch.stack([loss_sum.double(), count.double()])
+        self.penv.dp_all_reduce_sum(total)
+        if total[1] == 0:
+            return None
+        loss = (total[0] / total[1]).item()
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    # -- the run -------------------------------------------------------------------------------------------
+    def _throughput(self, step_seconds: float, gbs: int) -> dict:
+        m, seq = self.cfg.model, self.cfg.model.seq_length
+        flops = flops_per_iteration(gbs, seq, m.num_layers, m.hidden_size, self.shape.vocab_size)
+        hw_flops = flops_per_iteration(
+            gbs,
+            seq,
+            m.num_layers,
+            m.hidden_size,
+            self.shape.vocab_size,
+            recompute=self.cfg.parallel.recompute.value == "full",
+        )
+        per_device = flops / step_seconds / self.penv.world_size
+        return {
+            "step_time": step_seconds,
+            "tokens_per_s": gbs * seq / step_seconds,
+            "tokens_per_s_per_device": gbs * seq / step_seconds / self.penv.world_size,
+            "tflops_per_device": per_device / 1e12,
+            "hw_tflops_per_device": hw_flops / step_seconds / self.penv.world_size / 1e12,
+            "mfu": per_device / self.peak,
+        }
+
+    def _should_stop(self) -> str | None:
+        tr = self.cfg.train
+        if tr.iters is not None and self.state.step >= tr.iters:
+            return "iters"
+        if tr.tokens is not None and self.state.consumed_tokens >= tr.tokens:
+            return "tokens"
+        if tr.exit_interval is not None and self.state.step > 0 and self.state.step % tr.exit_interval == 0:
+            return "exit_interval"
+        if tr.exit_duration_minutes is not None:
+            elapsed = (time.monotonic() - self.start_time) / 60.0
+            if self.penv.all_reduce_max(elapsed) >= tr.exit_duration_minutes:
+                return "exit_duration"
+        return None
+
+    def _save(self) -> Path:
+        meta = {
+            "version": __version__,
+            "model": self.cfg.model.name,
+            "parameters": self.num_parameters,
+            "layout": {"tp": self.penv.tp, "pp": self.penv.pp, "dp": self.penv.dp},
+            "dtype": self.dtype,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        if self.scaler is not None:
+            self.state.loss_scaler = self.scaler.state_dict()
+        return self.checkpoints.save(self.model, self.optimizer, self.state, to_yaml(self.cfg), meta)
+
+    def _resume(self) -> None:
+        if self.cfg.train.resume == "never":
+            return
+        stale = self.checkpoints.clean_incomplete()
+        if stale and self.penv.is_rank0:
+            print(f"ignored incomplete checkpoints (interrupted saves): {', '.join(p.name for p in stale)}")
+        path = self.checkpoints.latest()
+        if path is None:
+            return
+        self.state = self.checkpoints.load(path, self.model, self.optimizer)
+        if self.scaler is not None and self.state.loss_scaler:
+            self.scaler.load_state_dict(self.state.loss_scaler)
+        if self.penv.is_rank0:
+            print(f"resumed from {path} (step {self.state.step}, {self.state.consumed_tokens:,} tokens)")
+
+    def run(self) -> TrainResult:
+        cfg, tr = self.cfg, self.cfg.train
+        if self.penv.is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        self._resume()
+        total_steps = tr.iters if tr.iters is not None else 0
+        if self.penv.is_rank0:
+            self.writer = MetricsWriter(
+                self.run_dir, total_steps, cfg.logging.tensorboard, cfg.logging.progress
+            )
+            print(
+                f"model {cfg.model.name}: {self.num_parameters:,} parameters; world {self.penv.world_size} "
+                f"(tp={self.penv.tp} pp={self.penv.pp} dp={self.penv.dp}); {self.train_samples:,} train samples"
+            )
+        first_val = last_val = None
+        saved: Path | None = None
+        window: list[dict] = []
+        nonfinite_run = 0
+        try:
+            if self.state.step == 0:
+                first_val = last_val = self._log_eval()
+            while (reason := self._should_stop()) is None:
+                t0 = time.perf_counter()
+                out = self.train_step()
+                out["step_time"] = time.perf_counter() - t0
+                window.append(out)
+                nonfinite_run = nonfinite_run + 1 if out["skipped"] and self.scaler is None else 0
+                if nonfinite_run >= tr.max_consecutive_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_run} consecutive steps had a non-finite loss or "
+                        f"gradient norm (last at step {self.state.step}); stopping"
+                    )
+                if self.state.step % cfg.logging.log_interval == 0:
+                    self._log_train(window)
+                    window = []
+                if self.state.step % tr.eval_interval == 0:
+                    last_val = self._log_eval() or last_val
+                if self.state.step % cfg.checkpoint.interval == 0:
+                    saved = self._save()
+            if window:
+                self._log_train(window)
+            if self.state.step % tr.eval_interval:
+                last_val = self._log_eval() or last_val
+            latest = self.checkpoints.latest()
+            if cfg.checkpoint.save_final and (
+                latest is None or latest.name != step_dir_name(self.state.step)
+            ):
+                saved = self._save()
+            saved = saved or latest
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return TrainResult(self.state, reason, first_val, last_val, saved)
+
+    def _record(self, kind: str, values: dict) -> dict:
+        return {
+            "kind": kind,
+            "step": self.state.step,
+            "consumed_samples": self.state.consumed_samples,
+            "consumed_tokens": self.state.consumed_tokens,
+            **values,
+        }
+
+    def _log_train(self, window: list[dict]) -> None:
+        n = len(window)
+        step_time = sum(w["step_time"] for w in window) / n
+        values = {
+            "loss": sum(w["loss"] for w in window) / n,
+            "lr": window[-1]["lr"],
+            "grad_norm": window[-1]["grad_norm"],
+            "batch_size": window[-1]["batch_size"],
+            "skipped_steps": self.state.skipped_steps,
+            **self._throughput(step_time, window[-1]["batch_size"]),
+        }
+        if self.scaler is not None:
+            values["loss_scale"] = window[-1]["loss_scale"]
+        if self.writer is not None:
+            self.writer.log(self._record("train", values))
+
+    def _log_eval(self) -> float | None:
+        values = self.evaluate()
+        if values is None:
+            return None
+        if self.writer is not None:
+            self.writer.log(self._record("valid", values))
+        return values["val_loss"]

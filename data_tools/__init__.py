@@ -1,0 +1,1 @@
+"""Raw corpus to tokenizer to Megatron .bin/.idx datasets."""

@@ -1,0 +1,167 @@
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bigscience_train.data.indexed import IndexedDataset, open_indexed
+from bigscience_train.data.tokenizer import Tokenizer
+from data_tools.corpus import write_corpus
+from data_tools.inspect import describe
+from data_tools.jsonl import CorpusError
+from data_tools.preprocess import preprocess
+from tests.conftest import run_cli
+
+
+def test_stdlib_corpus_is_real_text(tmp_path):
+    out = tmp_path / "c.jsonl"
+    n = write_corpus(out)
+    assert n > 300
+    first = json.loads(out.open().readline())
+    assert first["source"].endswith(".py") and len(first["text"]) > 0
+
+
+def test_folder_corpus(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("alpha")
+    (tmp_path / "docs" / "b.txt").write_text("   ")
+    assert write_corpus(tmp_path / "o.jsonl", tmp_path / "docs") == 1
+    with pytest.raises(FileNotFoundError, match="missing"):
+        write_corpus(tmp_path / "o.jsonl", tmp_path / "missing")
+
+
+def test_tokenizer_has_eod_and_pad(tiny_data):
+    tok = Tokenizer(tiny_data["tokenizer"])
+    assert tok.vocab_size == 512 and tok.eod == 0 and tok.pad == 1
+    ids = tok.encode_batch(["def f(x):\n    return x"])[0]
+    assert tok.decode(ids) == "def f(x):\n    return x"
+
+
+def test_preprocess_round_trips_through_megatron_reader(tiny_data):
+    tok = Tokenizer(tiny_data["tokenizer"])
+    texts = [json.loads(line)["text"] for line in tiny_data["corpus"].open()]
+    ds = IndexedDataset(tiny_data["prefix"])
+    assert len(ds) == len(texts)
+    assert ds.index.dtype == np.uint16
+    for i in (0, len(texts) // 2, len(texts) - 1):
+        ids = ds[i].tolist()
+        assert ids[-1] == tok.eod
+        assert ids[:-1] == tok.encode_batch([texts[i]])[0]
+
+
+def test_order_is_kept_with_several_workers(tiny_data, tmp_path):
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    preprocess(
+        [str(tiny_data["corpus"])], str(one), tiny_data["tokenizer"], workers=1, batch_size=7, progress=False
+    )
+    preprocess(
+        [str(tiny_data["corpus"])], str(two), tiny_data["tokenizer"], workers=2, batch_size=7, progress=False
+    )
+    for suffix in (".bin", ".idx"):
+        assert Path(f"{one}{suffix}").read_bytes() == Path(f"{two}{suffix}").read_bytes()
+
+
+def _bad_corpus(path: Path) -> None:
+    lines = [
+        b'{"text": "good one"}',
+        b"{not json",
+        b'{"other": "x"}',
+        b'{"text": 5}',
+        b'{"text": "\xff\xfe"}',
+        b'{"text": "   "}',
+        b"",
+        b'{"text": "good two"}',
+    ]
+    with gzip.open(path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+
+
+def test_bad_lines_are_skipped_and_counted(tiny_data, tmp_path):
+    corpus = tmp_path / "bad.jsonl.gz"
+    _bad_corpus(corpus)
+    summary = preprocess([str(corpus)], str(tmp_path / "out"), tiny_data["tokenizer"], progress=False)
+    assert summary.documents == 2
+    counts = summary.skips.counts
+    assert (
+        counts["malformed_json"],
+        counts["missing_key"],
+        counts["non_string"],
+        counts["invalid_utf8"],
+        counts["empty"],
+    ) == (1, 1, 1, 1, 2)
+    assert f"{corpus}:2" in summary.skips.positions["malformed_json"]
+
+
+def test_strict_stops_at_first_bad_line_and_leaves_nothing(tiny_data, tmp_path):
+    corpus = tmp_path / "bad.jsonl.gz"
+    _bad_corpus(corpus)
+    with pytest.raises(CorpusError, match=rf"{corpus}:2: malformed json"):
+        preprocess([str(corpus)], str(tmp_path / "out"), tiny_data["tokenizer"], strict=True, progress=False)
+    assert list(tmp_path.iterdir()) == [corpus]
+
+
+def test_truncated_bin_is_reported_with_its_name(tiny_data, tmp_path):
+    prefix = tmp_path / "copy"
+    Path(f"{prefix}.idx").write_bytes(Path(tiny_data["prefix"] + ".idx").read_bytes())
+    Path(f"{prefix}.bin").write_bytes(Path(tiny_data["prefix"] + ".bin").read_bytes()[:-10])
+    with pytest.raises(
+        ValueError, match=rf"{prefix}.bin has \d+ bytes but its index describes \d+ \(truncated\)"
+    ):
+        open_indexed(str(prefix))
+    Path(f"{prefix}.idx").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=rf"{prefix}.idx is not a valid Megatron index"):
+        open_indexed(str(prefix))
+
+
+def test_inspect_describes_and_decodes(tiny_data):
+    text = describe(tiny_data["prefix"], tiny_data["tokenizer"], sample=1)
+    assert "60 documents" in text and "sample 1" in text and "<|endoftext|>" in text
+
+
+def test_cli_pipeline(tmp_path):
+    corpus, tok, prefix = tmp_path / "c.jsonl", tmp_path / "t.json", tmp_path / "p"
+    (tmp_path / "docs").mkdir()
+    for i in range(5):
+        (tmp_path / "docs" / f"{i}.txt").write_text(f"document number {i} " * 20)
+    assert (
+        run_cli(["data", "corpus", "--output", str(corpus), "--folder", str(tmp_path / "docs")]).returncode
+        == 0
+    )
+    assert (
+        run_cli(
+            ["data", "tokenizer", "--input", str(corpus), "--output", str(tok), "--vocab-size", "300"]
+        ).returncode
+        == 0
+    )
+    out = run_cli(
+        [
+            "data",
+            "preprocess",
+            "--input",
+            str(corpus),
+            "--output-prefix",
+            str(prefix),
+            "--tokenizer",
+            str(tok),
+            "--append-eod",
+            "--workers",
+            "2",
+        ]
+    )
+    assert out.returncode == 0, out.stderr
+    assert "documents: 5" in out.stdout
+    missing = run_cli(
+        [
+            "data",
+            "preprocess",
+            "--input",
+            str(tmp_path / "nope.jsonl"),
+            "--output-prefix",
+            str(prefix),
+            "--tokenizer",
+            str(tok),
+        ]
+    )
+    assert missing.returncode == 2 and "nope.jsonl does not exist" in missing.stderr

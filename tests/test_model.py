@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+
+from bigscience_train.config import load_config, padded_vocab_size
+from bigscience_train.model import (
+    GPT,
+    GPTShape,
+    build_on_meta,
+    count_parameters,
+    materialize,
+    shape_from_config,
+)
+from bigscience_train.model.positions import alibi_slopes
+
+SHAPE = GPTShape(num_layers=2, hidden_size=64, num_heads=4, seq_length=32, vocab_size=256)
+
+
+def tiny(position="alibi", **kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTShape(**{**SHAPE.__dict__, "position": position, **kw})).eval()
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4, 8, 16, 32])
+def test_alibi_slopes_power_of_two_are_geometric(heads):
+    expected = [2 ** (-8 * (i + 1) / heads) for i in range(heads)]
+    assert alibi_slopes(heads).tolist() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("heads", [3, 6, 12, 20, 112])
+def test_alibi_slopes_non_power_of_two_interleave_the_next_power(heads):
+    closest = 2 ** math.floor(math.log2(heads))
+    base = [2 ** (-8 * (i + 1) / closest) for i in range(closest)]
+    extra = [2 ** (-8 * (i + 1) / (2 * closest)) for i in range(2 * closest)][0::2][: heads - closest]
+    assert alibi_slopes(heads).tolist() == pytest.approx(base + extra, rel=1e-6)
+
+
+@pytest.mark.parametrize("heads", [4, 6, 112])
+def test_alibi_slopes_match_hugging_face_bloom(heads):
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    mask = torch.ones(1, 3)
+    hf = build_alibi_tensor(mask, heads, torch.float32)  # (heads, 1, seq): slope * position
+    assert torch.allclose(hf[:, 0, 1], alibi_slopes(heads))
+
+
+@pytest.mark.parametrize("position", ["alibi", "learned", "rotary"])
+def test_shapes_and_causality(position):
+    model = tiny(position)
+    tokens = torch.randint(0, 256, (2, 16))
+    logits = model(tokens)
+    assert logits.shape == (2, 16, 256)
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 256
+    after = model(changed)
+    assert torch.equal(logits[:, :10], after[:, :10]), "future tokens changed past logits"
+    assert not torch.allclose(logits[:, 10:], after[:, 10:])
+
+
+def test_learned_positions_have_their_own_table():
+    assert "transformer.position_embeddings.weight" in tiny("learned").state_dict()
+    for position in ("alibi", "rotary"):
+        assert "transformer.position_embeddings.weight" not in tiny(position).state_dict()
+
+
+def test_names_and_logits_match_hugging_face_bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model = tiny("alibi")
+    hf = BloomForCausalLM(BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)).eval()
+    hf_keys = set(hf.state_dict())
+    assert set(model.state_dict()) == hf_keys
+    hf.load_state_dict(model.state_dict(), strict=True)
+    tokens = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), hf(tokens).logits, atol=1e-5)
+
+
+def test_meta_construction_then_init_weights():
+    shape = GPTShape(**{**SHAPE.__dict__, "num_layers": 8, "hidden_size": 256, "num_heads": 8})
+    model = build_on_meta(shape)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    materialize(model)
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight
+    h = model.transformer.h["0"]
+    assert h.mlp.dense_h_to_4h.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert h.mlp.dense_4h_to_h.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert h.self_attention.dense.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert torch.all(h.self_attention.query_key_value.bias == 0)
+    assert torch.all(h.input_layernorm.weight == 1)
+    assert torch.allclose(model.alibi_slopes, alibi_slopes(8))
+
+
+def test_same_seed_same_weights_meta_or_not():
+    torch.manual_seed(3)
+    eager = GPT(SHAPE)
+    torch.manual_seed(3)
+    meta = materialize(build_on_meta(SHAPE))
+    for (n, a), (_, b) in zip(eager.state_dict().items(), meta.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_untied_output_layer():
+    model = tiny(tie_embeddings=False)
+    assert model.lm_head.weight is not model.transformer.word_embeddings.weight
+    assert count_parameters(model) == count_parameters(tiny()) + 256 * 64
+
+
+def test_vocab_padding_to_multiple_of_128_times_tp():
+    assert padded_vocab_size(50257, 128, 1) == 50304
+    assert padded_vocab_size(50257, 128, 4) == 50688
+    assert padded_vocab_size(250880, 128, 4) == 250880
+    cfg = load_config(["model=gpt_125m"])
+    assert shape_from_config(cfg.model, tp=2).vocab_size == 50432
+
+
+def test_embedding_layernorm_switch():
+    without = tiny(embedding_layernorm=False)
+    assert not hasattr(without.transformer, "word_embeddings_layernorm")
+    assert "transformer.word_embeddings_layernorm.weight" in tiny().state_dict()

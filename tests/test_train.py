@@ -1,0 +1,185 @@
+import json
+import math
+
+import pytest
+import torch
+
+from bigscience_train.checkpoint.dcp import step_dir_name
+from bigscience_train.config import load_config, validate
+from bigscience_train.metrics.flops import PEAK_TFLOPS, flops_per_iteration, peak_flops
+from bigscience_train.parallel.env import init_parallel
+from bigscience_train.train import loop
+from bigscience_train.train.loop import NonFiniteLossError, Trainer
+from bigscience_train.train.precision import DynamicLossScaler
+from tests.conftest import data_overrides, read_metrics, run_cli
+
+FAST = [
+    "model=gpt_tiny",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.eval_interval=10",
+    "train.eval_iters=2",
+    "logging.log_interval=1",
+    "optim.lr=3e-3",
+    "optim.min_lr=3e-4",
+    "optim.warmup_samples=16",
+    "checkpoint.interval=1000",
+]
+
+
+def train(tiny_data, run_dir, *overrides):
+    cfg = load_config([*FAST, *data_overrides(tiny_data, run_dir), *overrides])
+    validate(cfg, world_size=1, check_files=True)
+    return Trainer(cfg, init_parallel(1, 1, None)).run()
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def test_short_run_loss_falls_and_writes_run_directory(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    result = train(tiny_data, run, "train.iters=40", "logging.tensorboard=true")
+    assert result.stop_reason == "iters" and result.state.step == 40
+    assert result.last_val_loss < result.first_val_loss - 0.7
+    records = read_metrics(run)
+    assert len(records) == 40
+    for key in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "batch_size",
+        "consumed_samples",
+        "consumed_tokens",
+        "step_time",
+        "tokens_per_s",
+        "tflops_per_device",
+        "mfu",
+    ):
+        assert key in records[-1]
+    assert records[-1]["consumed_tokens"] == 40 * 8 * 64
+    assert 0 < records[-1]["mfu"] < 1.5
+    assert (run / "config.yaml").is_file() and list((run / "tensorboard").iterdir())
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000040"
+    meta = json.loads((run / "checkpoints" / "step_0000040" / "meta.json").read_text())
+    assert meta["step"] == 40 and meta["layout"] == {"tp": 1, "pp": 1, "dp": 1}
+    assert any(name.endswith(".distcp") for name in meta["shards"])
+
+
+def test_same_seed_gives_bit_identical_losses(tiny_data, tmp_path):
+    train(tiny_data, tmp_path / "a", "train.iters=6")
+    train(tiny_data, tmp_path / "b", "train.iters=6")
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    train(tiny_data, tmp_path / "c", "train.iters=6", "train.seed=7")
+    assert losses(tmp_path / "c") != losses(tmp_path / "a")
+
+
+def test_rampup_and_token_limit(tiny_data, tmp_path):
+    result = train(
+        tiny_data,
+        tmp_path / "r",
+        "train.iters=null",
+        f"train.tokens={64 * 8 * 6}",
+        "train.rampup_batch_size=[4,2,16]",
+    )
+    sizes = [r["batch_size"] for r in read_metrics(tmp_path / "r")]
+    assert sizes[:3] == [4, 4, 6] and sizes[-1] == 8
+    assert result.stop_reason == "tokens" and result.state.consumed_tokens >= 64 * 8 * 6
+
+
+def test_two_data_parallel_processes_match_one(tiny_data, tmp_path):
+    common = [*FAST, "train.iters=8", "train.rampup_batch_size=[4,4,16]"]
+    single = run_cli(["train", *common, *data_overrides(tiny_data, tmp_path / "one")])
+    assert single.returncode == 0, single.stderr
+    double = run_cli(["train", *common, *data_overrides(tiny_data, tmp_path / "two")], nproc=2)
+    assert double.returncode == 0, double.stderr
+    assert "dp=2" in double.stdout
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path):
+    common = [*FAST, "train.rampup_batch_size=[4,4,32]"]
+    straight = run_cli(
+        ["train", *common, "train.iters=12", *data_overrides(tiny_data, tmp_path / "straight")]
+    )
+    assert straight.returncode == 0, straight.stderr
+    run = tmp_path / "resumed"
+    first = run_cli(
+        ["train", *common, "train.iters=12", "train.exit_interval=6", *data_overrides(tiny_data, run)]
+    )
+    assert first.returncode == 0, first.stderr
+    assert "stopped: exit_interval at step 6" in first.stdout
+    second = run_cli(["train", *common, "train.iters=12", *data_overrides(tiny_data, run)])
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout
+    assert losses(run) == losses(tmp_path / "straight")
+
+
+def test_incomplete_checkpoint_is_ignored(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_data, run, "train.iters=3")
+    broken = run / "checkpoints" / ".tmp_step_0000005"
+    broken.mkdir()
+    (broken / "__0_0.distcp").write_bytes(b"partial")
+    result = train(tiny_data, run, "train.iters=4")
+    assert result.state.step == 4 and not broken.exists()
+
+
+def test_exit_duration_stops_and_saves(tiny_data, tmp_path):
+    result = train(tiny_data, tmp_path / "t", "train.iters=1000", "train.exit_duration_minutes=0.05")
+    assert result.stop_reason == "exit_duration" and result.state.step < 1000
+    assert result.checkpoint.name == step_dir_name(result.state.step)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_trains(tiny_data, tmp_path, dtype):
+    result = train(tiny_data, tmp_path / dtype, "train.iters=20", f"precision={dtype}")
+    assert math.isfinite(result.last_val_loss) and result.last_val_loss < result.first_val_loss
+    if dtype == "fp16":
+        assert read_metrics(tmp_path / dtype)[-1]["loss_scale"] == 2.0**12
+
+
+def test_non_finite_losses_are_skipped_then_stop(tiny_data, tmp_path, monkeypatch):
+    real = loop.masked_lm_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(logits, labels, mask):
+        calls["n"] += 1
+        loss, count = real(logits, labels, mask)
+        return (loss * float("nan"), count) if calls["n"] > 4 * 3 else (loss, count)
+
+    monkeypatch.setattr(loop, "masked_lm_loss_sum", poisoned)
+    with pytest.raises(NonFiniteLossError, match="5 consecutive steps"):
+        train(tiny_data, tmp_path / "nan", "train.iters=50", "train.eval_iters=0")
+    records = read_metrics(tmp_path / "nan")
+    assert records[-1]["skipped_steps"] >= 4
+
+
+def test_dynamic_loss_scaler_hysteresis_and_growth():
+    s = DynamicLossScaler(scale=2.0**12, window=3, hysteresis=2, min_scale=1.0)
+    s.update(True)
+    assert s.scale == 2.0**12  # first overflow absorbed by hysteresis
+    s.update(True)
+    assert s.scale == 2.0**11
+    for _ in range(3):
+        s.update(False)
+    assert s.scale == 2.0**12
+    s.update(True)
+    assert s.scale == 2.0**12 and s.hysteresis_tracker == 1
+
+
+def test_megatron_flops_formula():
+    # GPT-3 175B in the Megatron paper: 96 layers, h 12288, s 2048, V 51200: 24Bslh^2(...) per forward.
+    fwd = 24 * 1 * 2048 * 96 * 12288**2 * (1 + 2048 / (6 * 12288) + 51200 / (16 * 96 * 12288))
+    assert flops_per_iteration(1, 2048, 96, 12288, 51200) == pytest.approx(3 * fwd)
+    assert flops_per_iteration(1, 2048, 96, 12288, 51200, recompute=True) == pytest.approx(4 * fwd)
+    assert peak_flops("a100", "bf16") == 312e12 and PEAK_TFLOPS["v100"]["fp16"] == 125.0
+    assert peak_flops("cpu", "fp32") > 1e9
+    with pytest.raises(ValueError, match="no bf16 support"):
+        peak_flops("v100", "bf16")
+
+
+def test_tokenizer_bigger_than_model_vocab_is_an_error(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="has 512 tokens but model.vocab_size=100"):
+        train(tiny_data, tmp_path / "v", "train.iters=1", "model.vocab_size=100")
+    assert torch.get_num_threads() >= 1
