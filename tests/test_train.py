@@ -125,6 +125,15 @@ def test_incomplete_checkpoint_is_ignored(tiny_data, tmp_path):
     assert result.state.step == 4 and not broken.exists()
 
 
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_leaves_the_math_unchanged(tiny_data, tmp_path, mode):
+    train(tiny_data, tmp_path / "none", "train.iters=4")
+    result = train(tiny_data, tmp_path / mode, "train.iters=4", f"parallel.recompute={mode}")
+    assert losses(tmp_path / mode) == pytest.approx(losses(tmp_path / "none"), abs=1e-6)
+    saved = result.checkpoint / "meta.json"
+    assert json.loads(saved.read_text())["parameters"] == 232_960
+
+
 def test_exit_duration_stops_and_saves(tiny_data, tmp_path):
     result = train(tiny_data, tmp_path / "t", "train.iters=1000", "train.exit_duration_minutes=0.05")
     assert result.stop_reason == "exit_duration" and result.state.step < 1000

@@ -31,6 +31,7 @@ from bigscience_train.metrics.flops import flops_per_iteration, peak_flops
 from bigscience_train.metrics.writer import MetricsWriter
 from bigscience_train.model import build_on_meta, count_parameters, materialize, shape_from_config
 from bigscience_train.parallel.env import ParallelEnv
+from bigscience_train.parallel.recompute import apply_recompute
 from bigscience_train.train.loss import masked_lm_loss_sum
 from bigscience_train.train.precision import DynamicLossScaler, autocast
 from bigscience_train.train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples
@@ -91,6 +92,7 @@ class Trainer:
         seed_everything(tr.seed)
         self.model = materialize(build_on_meta(self.shape), penv.device)
         self.num_parameters = count_parameters(self.model)
+        apply_recompute(self.model, cfg.parallel.recompute.value)
         self.wrapped = self.model
         if penv.dp > 1:
             self.wrapped = DistributedDataParallel(self.model, process_group=penv.dp_group())

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks (not tests): each measures us and a peer in the same run and reports the ratio."""
