@@ -80,10 +80,35 @@ def _data_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_merge(args: argparse.Namespace) -> int:
+    from data_tools.merge import merge
+
+    documents, tokens = merge(args.input, args.output_prefix)
+    print(f"wrote {args.output_prefix}.bin/.idx: {documents:,} documents, {tokens:,} tokens")
+    return 0
+
+
 def _data_inspect(args: argparse.Namespace) -> int:
     from data_tools.inspect import describe
 
     print(describe(args.prefix, args.tokenizer, args.sample, args.bins))
+    return 0
+
+
+def _ckpt_inspect(args: argparse.Namespace) -> int:
+    from bigscience_train.checkpoint.inspect import describe
+    from bigscience_train.config import load_config
+
+    compare = load_config(args.overrides) if args.diff or args.overrides else None
+    print(describe(args.path, compare))
+    return 0
+
+
+def _ckpt_export_hf(args: argparse.Namespace) -> int:
+    from bigscience_train.checkpoint.hf_export import export_hf
+
+    out = export_hf(args.path, args.out, int(args.max_shard_gb * 1024**3))
+    print(f"wrote Hugging Face BloomForCausalLM directory {out}")
     return 0
 
 
@@ -119,13 +144,33 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--strict", action="store_true", help="stop at the first bad line instead of skipping it"
     )
+    pre.add_argument("--shard", type=int, default=0, help="this job's shard of the input lines (0-based)")
+    pre.add_argument("--num-shards", type=int, default=1, help="shards; `data merge` joins them in order")
+    pre.add_argument("--no-fast-encoder", action="store_true", help="always encode with HF tokenizers")
     pre.set_defaults(func=_data_preprocess)
+    mrg = dsub.add_parser("merge", help="concatenate .bin/.idx datasets (e.g. shards, in order) into one")
+    mrg.add_argument("--input", nargs="+", required=True, help="dataset prefixes, in order")
+    mrg.add_argument("--output-prefix", required=True)
+    mrg.set_defaults(func=_data_merge)
     ins = dsub.add_parser("inspect", help="documents, tokens, length histogram, and a decoded sample")
     ins.add_argument("prefix")
     ins.add_argument("--tokenizer", help="tokenizer.json to decode the sample")
     ins.add_argument("--sample", type=int, default=0, help="document to decode")
     ins.add_argument("--bins", type=int, default=10)
     ins.set_defaults(func=_data_inspect)
+
+    ckpt = sub.add_parser("ckpt", help="inspect and convert checkpoints")
+    csub = ckpt.add_subparsers(dest="ckpt_command", required=True)
+    cin = csub.add_parser("inspect", help="step, tokens, layout, shards, parameters, config diff")
+    cin.add_argument("path", help="a step directory, checkpoints/ directory or run directory")
+    cin.add_argument("--diff", action="store_true", help="compare with the config these overrides give")
+    cin.add_argument("overrides", nargs="*", help="Hydra overrides of the config to compare with")
+    cin.set_defaults(func=_ckpt_inspect)
+    cex = csub.add_parser("export-hf", help="write a Hugging Face BloomForCausalLM directory (safetensors)")
+    cex.add_argument("path", help="a step directory, checkpoints/ directory or run directory")
+    cex.add_argument("out", help="output directory (must not exist)")
+    cex.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors file")
+    cex.set_defaults(func=_ckpt_export_hf)
     return parser
 
 
@@ -133,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, OverrideError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, OverrideError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -68,11 +68,35 @@ def open_binary(path: Path) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
-def read_texts(files: list[Path], key: str, skips: SkipLog, strict: bool) -> Iterator[str]:
-    """Yields the text of each good line in order; bad lines are counted in `skips` (errors under strict)."""
+def count_lines(files: list[Path]) -> int:
+    total = 0
+    for path in files:
+        with open_binary(path) as f:
+            total += sum(1 for _ in f)
+    return total
+
+
+def shard_range(total_lines: int, shard: int, num_shards: int) -> range:
+    """Contiguous global line numbers of shard `shard` of `num_shards`: concatenated in shard order, the whole."""
+    if not 0 <= shard < num_shards:
+        raise CorpusError(f"shard {shard} is not in 0..{num_shards - 1}")
+    return range(total_lines * shard // num_shards, total_lines * (shard + 1) // num_shards)
+
+
+def read_texts(
+    files: list[Path], key: str, skips: SkipLog, strict: bool, lines: range | None = None
+) -> Iterator[str]:
+    """Yields the text of each good line in order; bad lines are counted in `skips` (errors under strict).
+    `lines`: only these global (0-based, across all files) line numbers."""
+    index = -1
     for path in files:
         with open_binary(path) as f:
             for lineno, raw in enumerate(f, start=1):
+                index += 1
+                if lines is not None and index not in lines:
+                    if index >= lines.stop:
+                        return
+                    continue
                 reason, text = _parse_line(raw, key)
                 if reason is None:
                     yield text

@@ -1,12 +1,15 @@
 """JSONL corpus to a Megatron .bin/.idx dataset (megatron-core's IndexedDatasetBuilder), in document order.
 
 Batches of documents are encoded by a pool of worker processes; `imap` returns them in submission order,
-so the output does not depend on the number of workers. Outputs appear under their final names only
-when complete.
+so the output does not depend on the number of workers. Byte-level BPE tokenizers are encoded with tiktoken
+when it gives the same ids (data_tools/fast_encoder.py). A corpus too big for one job is preprocessed as
+shards of contiguous lines (`shard`, `num_shards`) whose merge equals the whole. Outputs appear under
+their final names only when complete.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import sys
@@ -20,9 +23,11 @@ import numpy as np
 from bigscience_train.data.indexed import IndexedDatasetBuilder, bin_path, idx_path
 from bigscience_train.data.tokenizer import Tokenizer
 from bigscience_train.fsutil import temporary_sibling
-from data_tools.jsonl import SkipLog, expand_inputs, read_texts
+from data_tools.fast_encoder import Encode, build_encoder
+from data_tools.jsonl import SkipLog, count_lines, expand_inputs, read_texts, shard_range
 
-_worker_tokenizer: Tokenizer | None = None
+_SAMPLE_DOCUMENTS = 64
+_worker_encode: Encode | None = None
 
 
 @dataclass
@@ -45,13 +50,8 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(tokenizer_path)
-
-
 def _encode(texts: list[str]) -> list[list[int]]:
-    return _worker_tokenizer.encode_batch(texts)
+    return _worker_encode(texts)
 
 
 def _batches(texts: Iterator[str], size: int, summary: PreprocessSummary) -> Iterator[list[str]]:
@@ -76,6 +76,9 @@ def preprocess(
     strict: bool = False,
     batch_size: int = 256,
     progress: bool | None = None,
+    shard: int = 0,
+    num_shards: int = 1,
+    fast: bool = True,
 ) -> PreprocessSummary:
     from tqdm import tqdm
 
@@ -86,17 +89,21 @@ def preprocess(
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     final_bin, final_idx = Path(bin_path(output_prefix)), Path(idx_path(output_prefix))
     tmp_bin, tmp_idx = temporary_sibling(final_bin), temporary_sibling(final_idx)
+    lines = shard_range(count_lines(files), shard, num_shards) if num_shards > 1 else None
+    sample = list(itertools.islice(read_texts(files, json_key, SkipLog(), False), _SAMPLE_DOCUMENTS))
+    if workers > 1:
+        # Each worker process encodes one batch at a time; a thread pool inside each would only contend.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    global _worker_encode
+    # Forked workers inherit the encoder chosen (and checked) here.
+    _worker_encode, summary.encoder = build_encoder(tokenizer_path, sample, fast)
     builder = IndexedDatasetBuilder(str(tmp_bin), dtype=token_dtype(tokenizer.vocab_size))
-    batches = _batches(read_texts(files, json_key, summary.skips, strict), batch_size, summary)
+    batches = _batches(read_texts(files, json_key, summary.skips, strict, lines), batch_size, summary)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(unit=" docs", disable=not show, desc="preprocess")
-    pool = mp.get_context("fork").Pool(workers, _init_worker, (tokenizer_path,)) if workers > 1 else None
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:
-        if pool is None:
-            _init_worker(tokenizer_path)
-            encoded = map(_encode, batches)
-        else:
-            encoded = pool.imap(_encode, batches)
+        encoded = map(_encode, batches) if pool is None else pool.imap(_encode, batches)
         for ids_batch in encoded:
             for ids in ids_batch:
                 if append_eod:

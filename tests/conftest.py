@@ -36,6 +36,7 @@ def data_overrides(tiny_data: dict, run_dir: Path) -> list[str]:
         f"data.blend=[{tiny_data['prefix']}]",
         f"data.tokenizer={tiny_data['tokenizer']}",
         f"data.cache_dir={tiny_data['dir'] / 'cache'}",
+        "data.split='90,9,1'",
         f"run_dir={run_dir}",
         "logging.tensorboard=false",
         "logging.progress=plain",

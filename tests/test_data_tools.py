@@ -5,11 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bigscience_train.data.indexed import IndexedDataset, open_indexed
+from bigscience_train.data.indexed import IndexedDataset, IndexedDatasetBuilder, open_indexed
 from bigscience_train.data.tokenizer import Tokenizer
 from data_tools.corpus import write_corpus
+from data_tools.fast_encoder import build_encoder
 from data_tools.inspect import describe
 from data_tools.jsonl import CorpusError
+from data_tools.merge import merge
 from data_tools.preprocess import preprocess
 from tests.conftest import run_cli
 
@@ -165,3 +167,57 @@ def test_cli_pipeline(tmp_path):
         ]
     )
     assert missing.returncode == 2 and "nope.jsonl does not exist" in missing.stderr
+
+
+def test_shards_merged_in_order_equal_the_whole(tiny_data, tmp_path):
+    corpus = [str(tiny_data["corpus"])]
+    whole = str(tmp_path / "whole")
+    preprocess(corpus, whole, tiny_data["tokenizer"], progress=False)
+    shards = [str(tmp_path / f"shard{i}") for i in range(3)]
+    for i, prefix in enumerate(shards):
+        preprocess(corpus, prefix, tiny_data["tokenizer"], shard=i, num_shards=3, progress=False, workers=2)
+    merged = str(tmp_path / "merged")
+    documents, _ = merge(shards, merged)
+    assert documents == 60
+    for suffix in (".bin", ".idx"):
+        assert Path(merged + suffix).read_bytes() == Path(whole + suffix).read_bytes()
+
+
+def test_merge_refuses_mixed_token_types(tiny_data, tmp_path):
+    prefix = str(tmp_path / "wide")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    builder.add_document(np.array([1, 2, 3]), [3])
+    builder.finalize(prefix + ".idx")
+    with pytest.raises(ValueError, match="holds int32 tokens but .* holds uint16"):
+        merge([tiny_data["prefix"], prefix], str(tmp_path / "out"))
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
+
+
+def test_fast_encoder_matches_tokenizers_and_falls_back(tiny_data, tmp_path):
+    texts = [json.loads(line)["text"] for line in tiny_data["corpus"].open()]
+    texts.append("text that spells <|endoftext|> out")
+    encode, description = build_encoder(tiny_data["tokenizer"], texts[:8])
+    assert description.startswith("tiktoken")
+    assert encode(texts) == Tokenizer(tiny_data["tokenizer"]).encode_batch(texts)
+
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
+    word_level = HF(models.WordLevel({"<|endoftext|>": 0, "a": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level.add_special_tokens(["<|endoftext|>"])
+    path = tmp_path / "word_level.json"
+    word_level.save(str(path))
+    encode, description = build_encoder(str(path), ["a b"])
+    assert description == "tokenizers (no fast encoder: model type WordLevel is not BPE)"
+    assert encode(["a a"]) == [[1, 1]]
+
+
+def test_zstd_input(tiny_data, tmp_path):
+    import zstandard
+
+    raw = tiny_data["corpus"].read_bytes()
+    compressed = tmp_path / "corpus.jsonl.zst"
+    compressed.write_bytes(zstandard.ZstdCompressor().compress(raw))
+    preprocess([str(tmp_path / "*.zst")], str(tmp_path / "z"), tiny_data["tokenizer"], progress=False)
+    assert Path(f"{tmp_path}/z.bin").read_bytes() == Path(tiny_data["prefix"] + ".bin").read_bytes()

@@ -142,7 +142,9 @@ def test_exit_duration_stops_and_saves(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_mixed_precision_trains(tiny_data, tmp_path, dtype):
-    result = train(tiny_data, tmp_path / dtype, "train.iters=20", f"precision={dtype}")
+    result = train(
+        tiny_data, tmp_path / dtype, "train.iters=12", "train.eval_interval=12", f"precision={dtype}"
+    )
     assert math.isfinite(result.last_val_loss) and result.last_val_loss < result.first_val_loss
     if dtype == "fp16":
         assert read_metrics(tmp_path / dtype)[-1]["loss_scale"] == 2.0**12

@@ -8,12 +8,10 @@ reported and cleaned at the next start.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,18 +69,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-@contextlib.contextmanager
-def _single_process_quiet():
-    """DCP warns on every call without a process group that it assumes a single process: it is one."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+def committed_steps(root: Path) -> list[int]:
+    if not root.is_dir():
+        return []
+    return sorted(
+        int(p.name[5:]) for p in root.glob("step_*") if p.name[5:].isdigit() and (p / "meta.json").is_file()
+    )
+
+
+def steps_to_delete(steps: list[int], keep_last: int | None, keep_every: int | None) -> list[int]:
+    keep = set(steps if keep_last is None else steps[-keep_last:])
+    if keep_every:
+        keep |= {s for s in steps if s % keep_every == 0}
+    return [s for s in steps if s not in keep]
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, penv):
+    def __init__(self, root: Path, penv, keep_last: int | None = None, keep_every: int | None = None):
         self.root = Path(root)
         self.penv = penv
+        self.keep_last, self.keep_every = keep_last, keep_every
 
     def latest(self) -> Path | None:
         pointer = self.root / LATEST
@@ -111,8 +117,7 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         self.penv.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _single_process_quiet():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         torch.save({"rng": rng_state()}, tmp / f"rank_{self.penv.rank:05d}.pt")
         self.penv.barrier()
         if self.penv.is_rank0:
@@ -130,14 +135,15 @@ class CheckpointManager:
                 shutil.rmtree(final)
             tmp.rename(final)
             atomic_write_text(self.root / LATEST, name + "\n")
+            for step in steps_to_delete(committed_steps(self.root), self.keep_last, self.keep_every):
+                shutil.rmtree(self.root / step_dir_name(step))
         self.penv.barrier()
         return final
 
     def load(self, path: Path, model, optimizer) -> TrainState:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         to_load = {"model": model_sd, "optim": optim_sd}
-        with _single_process_quiet():
-            dcp.load(to_load, checkpoint_id=str(path))
+        dcp.load(to_load, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"])
         rank_file = path / f"rank_{self.penv.rank:05d}.pt"
         if rank_file.is_file():

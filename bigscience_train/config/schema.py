@@ -144,6 +144,10 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 1000
     save_final: bool = True
+    # Retention, applied only after a new checkpoint is committed: the newest keep_last (null: all) and
+    # every step divisible by keep_every (milestones) stay.
+    keep_last: int | None = None
+    keep_every: int | None = None
 
 
 @dataclass

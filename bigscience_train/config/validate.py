@@ -119,6 +119,9 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
     need(tr.eval_interval >= 1, f"train.eval_interval={tr.eval_interval} must be >= 1")
     need(tr.eval_iters >= 0, f"train.eval_iters={tr.eval_iters} must be >= 0")
     need(cfg.checkpoint.interval >= 1, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 1")
+    for name in ("keep_last", "keep_every"):
+        value = getattr(cfg.checkpoint, name)
+        need(value is None or value >= 1, f"checkpoint.{name}={value} must be >= 1 (or null)")
     need(cfg.logging.log_interval >= 1, f"logging.log_interval={cfg.logging.log_interval} must be >= 1")
     need(
         cfg.logging.progress in PROGRESS_MODES,

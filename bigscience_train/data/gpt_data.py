@@ -31,7 +31,7 @@ SPLIT_NAMES = ("train", "valid", "test")
 
 
 def build_splits(data_cfg, seq_length: int, tokenizer: Tokenizer, sizes: tuple[int | None, ...]) -> Splits:
-    """sizes: samples wanted from (train, valid, test); None builds one epoch of that split."""
+    """sizes: samples wanted from (train, valid, test); None builds one epoch of that split (unweighted blends)."""
     prefixes, weights = parse_blend(list(data_cfg.blend))
     # Open each dataset first: a clear error naming the file, before megatron-core's bare assertions.
     documents = {prefix: len(open_indexed(prefix).document_indices) - 1 for prefix in prefixes}

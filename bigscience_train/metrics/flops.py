@@ -38,8 +38,22 @@ def flops_per_iteration(
 
 
 @functools.cache
-def measured_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 0.5) -> float:
-    """FLOP/s of an n x n matmul on this CPU with the current thread count: the CPU's practical peak."""
+def measured_matmul_peak(
+    dtype: torch.dtype = torch.float32, max_n: int = 2048, seconds: float = 0.5
+) -> float:
+    """FLOP/s of square matmuls on this CPU with the current thread count: the CPU's practical peak.
+
+    The size doubles from 256 up to max_n while one matmul stays under 50 ms, so dtypes the CPU only emulates
+    (bf16/fp16 without hardware support) are measured in a second, not minutes.
+    """
+    n = 256
+    while n < max_n:
+        a = torch.randn(n, n, dtype=dtype)
+        start = time.perf_counter()
+        torch.matmul(a, a)
+        if time.perf_counter() - start > 0.05:
+            break
+        n *= 2
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.matmul(a, b)  # warm-up: thread pool and caches
     reps, start = 0, time.perf_counter()

@@ -40,7 +40,7 @@ class ParallelEnv:
     tp: int
     pp: int
     dp: int
-    mesh: DeviceMesh | None
+    mesh: DeviceMesh
 
     @property
     def is_rank0(self) -> bool:
@@ -48,25 +48,25 @@ class ParallelEnv:
 
     @property
     def dp_rank(self) -> int:
-        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        return self.mesh["dp"].get_local_rank()
 
     def dp_group(self):
-        return self.mesh["dp"].get_group() if self.mesh is not None else None
+        return self.mesh["dp"].get_group()
 
     def barrier(self) -> None:
-        if self.mesh is not None:
+        if self.world_size > 1:
             dist.barrier()
 
     def all_reduce_max(self, value: float) -> float:
         """Max over every rank of the job: for decisions all ranks must take together (stop, skip)."""
-        if self.mesh is None:
+        if self.world_size == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
     def dp_all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.mesh is not None and self.dp > 1:
+        if self.dp > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group())
         return t
 
@@ -80,11 +80,14 @@ def init_parallel(tp: int, pp: int, dp: int | None, timeout_minutes: float = 30.
     else:
         device, backend = torch.device("cpu"), "gloo"
     dp = dp if dp is not None else world // (tp * pp)
-    mesh = None
-    if world > 1:
-        if not dist.is_initialized():
+    if not dist.is_initialized():
+        if world > 1:
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-        mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
+        else:
+            # A process group of one, so that one process runs the same code as many (megatron-core's
+            # index builders and DCP ask for ranks too).
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
     return ParallelEnv(rank, world, local_rank, device, tp, pp, dp, mesh)
 
 

@@ -115,7 +115,9 @@ class Trainer:
         )
 
         self.state = TrainState()
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", penv)
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints", penv, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
+        )
         self.peak = peak_flops(cfg.cluster.device, self.dtype)
         self.writer = None
 

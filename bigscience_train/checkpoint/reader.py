@@ -1,0 +1,60 @@
+"""Reading a committed checkpoint outside training: where it is, what it holds, one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from bigscience_train.checkpoint.dcp import LATEST
+
+MODEL_PREFIX = "model."
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory, or the `latest` one of a checkpoints/ directory or of a run directory."""
+    path = Path(path)
+    for root in (path, path / "checkpoints"):
+        if (root / "meta.json").is_file():
+            return root
+        if (root / LATEST).is_file():
+            step = root / (root / LATEST).read_text().strip()
+            if (step / "meta.json").is_file():
+                return step
+            raise FileNotFoundError(f"{root / LATEST} names {step.name}, which is not a complete checkpoint")
+    raise FileNotFoundError(
+        f"{path} is not a checkpoint (no meta.json), a checkpoints directory or a run directory"
+    )
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text())
+
+
+def model_tensors_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
+    """Model tensor names (HF Bloom names, without the 'model.' prefix) and their global shape and dtype."""
+    metadata = FileSystemReader(str(path)).read_metadata()
+    return {
+        key[len(MODEL_PREFIX) :]: value
+        for key, value in metadata.state_dict_metadata.items()
+        if key.startswith(MODEL_PREFIX) and isinstance(value, TensorStorageMetadata)
+    }
+
+
+def iter_model_tensors(path: Path, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full (unsharded) model tensors, one at a time: memory holds one tensor, whatever the model's size."""
+    tensors = model_tensors_metadata(path)
+    for name in names if names is not None else list(tensors):
+        meta = tensors[name]
+        tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
+        with warnings.catch_warnings():
+            # no_dist is what we ask for: reading a checkpoint whole, in one process.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({MODEL_PREFIX + name: tensor}, storage_reader=FileSystemReader(str(path)), no_dist=True)
+        yield name, tensor

@@ -1,0 +1,111 @@
+"""A tiktoken encoder built from a byte-level BPE tokenizer.json: the same ids as Hugging Face tokenizers,
+about 5x faster (measured in benchmarks/preprocess).
+
+The conversion is exact only for plain byte-level BPE with the GPT-2 split regex; `build_encoder` checks
+that first from the JSON, then compares ids against `tokenizers` on sample texts, and falls back to
+`tokenizers` with the reason when either check fails.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+from bigscience_train.data.tokenizer import Tokenizer
+
+# The GPT-2 pre-tokenization regex, as HF's ByteLevel(use_regex=True) applies it.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+Encode = Callable[[list[str]], list[list[int]]]
+
+
+@cache
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes take the code points from 256 upwards in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _byte_level_bpe(spec: dict) -> str | None:
+    """None when tokenizer.json is plain byte-level BPE with the GPT-2 regex, else why it is not."""
+    model, pre, norm = spec.get("model") or {}, spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+    if model.get("type") != "BPE":
+        return f"model type {model.get('type')} is not BPE"
+    if norm is not None:
+        return f"normalizer {norm.get('type')} is not supported"
+    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space"):
+        return f"pre-tokenizer {pre.get('type')} is not ByteLevel(use_regex=True, add_prefix_space=False)"
+    if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return "BPE dropout or subword affixes are not supported"
+    return None
+
+
+def tiktoken_encoding(path: str | Path):
+    """The tiktoken Encoding of a byte-level BPE tokenizer.json, or the reason it cannot be built."""
+    import tiktoken
+
+    spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    reason = _byte_level_bpe(spec)
+    if reason:
+        return None, reason
+    special = {t["content"] for t in spec.get("added_tokens", [])}
+    decode = {c: b for b, c in byte_to_unicode().items()}
+    try:
+        ranks = {
+            bytes(decode[c] for c in token): i
+            for token, i in spec["model"]["vocab"].items()
+            if token not in special
+        }
+    except KeyError:
+        return None, "the vocabulary has tokens outside the byte-level alphabet"
+    if len(ranks) < 256 or any(bytes([b]) not in ranks for b in range(256)):
+        return None, "the vocabulary lacks some of the 256 single bytes"
+    return tiktoken.Encoding(
+        name=Path(path).stem, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={}
+    ), None
+
+
+class FastEncoder:
+    """tiktoken for the text, tokenizers for the rare document that spells out a special token."""
+
+    def __init__(self, encoding, tokenizer: Tokenizer):
+        self.encoding, self.tokenizer = encoding, tokenizer
+        self.specials = [t.content for t in tokenizer.hf.get_added_tokens_decoder().values()]
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        return [
+            self.tokenizer.encode_batch([t])[0]
+            if any(s in t for s in self.specials)
+            else self.encoding.encode_ordinary(t)
+            for t in texts
+        ]
+
+
+def build_encoder(tokenizer_path: str, sample: list[str], fast: bool = True) -> tuple[Encode, str]:
+    """The fastest encoder giving the same ids as `tokenizers` on `sample`, and a line saying which it is."""
+    tokenizer = Tokenizer(tokenizer_path)
+    if not fast:
+        return tokenizer.encode_batch, "tokenizers (fast encoder disabled)"
+    try:
+        encoding, reason = tiktoken_encoding(tokenizer_path)
+    except ImportError:
+        encoding, reason = None, "tiktoken is not installed"
+    if encoding is None:
+        return tokenizer.encode_batch, f"tokenizers (no fast encoder: {reason})"
+    encoder = FastEncoder(encoding, tokenizer)
+    if encoder(sample) != tokenizer.encode_batch(sample):
+        return tokenizer.encode_batch, "tokenizers (the fast encoder gave other ids on the sample)"
+    return encoder, f"tiktoken (ids identical to tokenizers on {len(sample)} sample documents)"

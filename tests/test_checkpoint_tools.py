@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from bigscience_train.checkpoint.dcp import steps_to_delete
+from bigscience_train.checkpoint.hf_export import export_hf
+from bigscience_train.checkpoint.inspect import describe
+from bigscience_train.checkpoint.reader import iter_model_tensors, resolve_checkpoint
+from bigscience_train.config import load_config
+from bigscience_train.model import GPT, shape_from_config
+from tests.conftest import run_cli
+from tests.test_train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    train(
+        tiny_data,
+        run,
+        "train.iters=6",
+        "checkpoint.interval=2",
+        "checkpoint.keep_last=2",
+        "checkpoint.keep_every=4",
+    )
+    return run
+
+
+def test_retention_keeps_last_and_milestones(trained):
+    assert sorted(p.name for p in (trained / "checkpoints").glob("step_*")) == [
+        "step_0000004",
+        "step_0000006",
+    ]
+    assert steps_to_delete([2, 4, 6, 8, 10], keep_last=2, keep_every=4) == [2, 6]
+    assert steps_to_delete([2, 4, 6], keep_last=None, keep_every=None) == []
+
+
+def test_inspect_reports_step_layout_and_config_diff(trained):
+    text = describe(trained, load_config(["model=gpt_tiny", "optim.lr=1e-4"]))
+    assert "step 6" in text and "tp=1 pp=1 dp=1" in text and "232,960 parameters" in text
+    assert "optim.lr: 0.003 -> 0.0001" in text and ".distcp" in text
+    out = run_cli(["ckpt", "inspect", str(trained / "checkpoints" / "step_0000004")])
+    assert out.returncode == 0 and "step 4" in out.stdout
+    missing = run_cli(["ckpt", "inspect", str(trained / "nope")])
+    assert missing.returncode == 2 and "is not a checkpoint" in missing.stderr
+
+
+def test_export_hf_loads_offline_with_matching_logits(trained, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer, BloomForCausalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = export_hf(trained, tmp_path / "hf", max_shard_bytes=200_000)
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    hf = BloomForCausalLM.from_pretrained(out).eval()
+    ours = GPT(shape_from_config(load_config(["model=gpt_tiny"]).model)).eval()
+    ours.load_state_dict(dict(iter_model_tensors(resolve_checkpoint(trained))), strict=True)
+    tokens = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(ours(tokens), hf(tokens).logits, atol=1e-5)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.decode(tok("def f(x): return x")["input_ids"]) == "def f(x): return x"
+    with pytest.raises(FileExistsError):
+        export_hf(trained, out)
+
+
+def test_export_refuses_non_bloom_positions(tiny_data, tmp_path):
+    run = tmp_path / "learned"
+    train(tiny_data, run, "train.iters=1", "model.position=learned")
+    with pytest.raises(ValueError, match=r"no Hugging Face BLOOM equivalent: model.position=learned"):
+        export_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
