@@ -20,17 +20,16 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     rank, world, _ = launcher_env()
     validate(cfg, world, check_files=True)
-    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
-        raise ConfigError(
-            [
-                f"parallel.tp={cfg.parallel.tp}, parallel.pp={cfg.parallel.pp}: this version trains "
-                "with data parallelism only (tp=1, pp=1)"
-            ]
+    unsupported = [
+        f"{setting}: not available in this version yet"
+        for setting, wanted in (
+            (f"parallel.pp={cfg.parallel.pp}", cfg.parallel.pp > 1),
+            ("parallel.sequence_parallel=true", cfg.parallel.sequence_parallel),
         )
-    if cfg.parallel.dp_shard.value != "none":
-        raise ConfigError(
-            [f"parallel.dp_shard={cfg.parallel.dp_shard.value}: this version trains with DDP only (none)"]
-        )
+        if wanted
+    ]
+    if unsupported:
+        raise ConfigError(unsupported)
     penv = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp)
     try:
         result = Trainer(cfg, penv).run()

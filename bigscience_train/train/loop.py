@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from bigscience_train import __version__
@@ -30,8 +31,17 @@ from bigscience_train.fsutil import atomic_write_text
 from bigscience_train.metrics.flops import flops_per_iteration, peak_flops
 from bigscience_train.metrics.writer import MetricsWriter
 from bigscience_train.model import build_on_meta, count_parameters, materialize, shape_from_config
+from bigscience_train.parallel.data import apply_fsdp, set_gradient_sync
 from bigscience_train.parallel.env import ParallelEnv
 from bigscience_train.parallel.recompute import apply_recompute
+from bigscience_train.parallel.tensor import (
+    all_reduce_mean,
+    apply_tensor_parallel,
+    average_replicated_grads,
+    clip_grad_norm,
+    local_tensor,
+    loss_context,
+)
 from bigscience_train.train.loss import masked_lm_loss_sum
 from bigscience_train.train.precision import DynamicLossScaler, autocast
 from bigscience_train.train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples
@@ -57,14 +67,15 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, optim_cfg, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with no weight decay on biases and layernorm weights (Megatron's grouping)."""
-    params = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}.values()
-    decay = [p for _, p in params if p.ndim >= 2]
-    no_decay = [p for _, p in params if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": optim_cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """AdamW with no weight decay on biases and layernorm weights (Megatron's grouping). Tensor-parallel
+    (DTensor) and plain parameters sit in separate groups: foreach kernels take one kind at a time."""
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+    groups = []
+    for sharded in (False, True):
+        for decay in (True, False):
+            members = [p for p in params if isinstance(p, DTensor) == sharded and (p.ndim >= 2) == decay]
+            if members:
+                groups.append({"params": members, "weight_decay": optim_cfg.weight_decay if decay else 0.0})
     fused = device.type == "cuda"
     return torch.optim.AdamW(
         groups,
@@ -93,9 +104,15 @@ class Trainer:
         self.model = materialize(build_on_meta(self.shape), penv.device)
         self.num_parameters = count_parameters(self.model)
         apply_recompute(self.model, cfg.parallel.recompute.value)
+        if penv.tp > 1:
+            apply_tensor_parallel(self.model, penv.mesh["tp"])
+        self.fsdp = penv.dp > 1 and cfg.parallel.dp_shard.value != "none"
+        if self.fsdp:
+            apply_fsdp(self.model, penv.mesh["dp"], cfg.parallel.dp_shard.value)
         self.wrapped = self.model
-        if penv.dp > 1:
+        if penv.dp > 1 and penv.tp == 1 and not self.fsdp:
             self.wrapped = DistributedDataParallel(self.model, process_group=penv.dp_group())
+        self.params = list({id(p): p for p in self.model.parameters()}.values())
         self.optimizer = build_optimizer(self.model, cfg.optim, penv.device)
         self.dtype = cfg.precision.dtype.value
         self.scaler = DynamicLossScaler.from_config(cfg.precision) if self.dtype == "fp16" else None
@@ -141,44 +158,55 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_scale = self.scaler.scale if self.scaler else 1.0
         total = torch.zeros(2, dtype=torch.float64, device=self.penv.device)
-        for j, batch in enumerate(self._micro_batches(self.splits.train, self.state.consumed_samples, gbs)):
-            # DDP all-reduces gradients only on the last micro-batch of the step.
-            sync = j == num_micro - 1 or not isinstance(self.wrapped, DistributedDataParallel)
-            with (
-                contextlib.nullcontext() if sync else self.wrapped.no_sync(),
-                autocast(self.dtype, self.penv.device),
+        with loss_context(self.penv.tp):
+            for j, batch in enumerate(
+                self._micro_batches(self.splits.train, self.state.consumed_samples, gbs)
             ):
-                loss_sum, count = masked_lm_loss_sum(
-                    self.wrapped(batch["tokens"]), batch["labels"], batch["loss_mask"]
-                )
-            ((loss_sum / count.clamp(min=1)) * (loss_scale / num_micro)).backward()
-            total += torch.stack([loss_sum.detach().double(), count.double()])
+                # DDP and FSDP reduce gradients only on the last micro-batch of the step.
+                last = j == num_micro - 1
+                if self.fsdp:
+                    set_gradient_sync(self.model, last)
+                ddp = isinstance(self.wrapped, DistributedDataParallel)
+                no_sync = self.wrapped.no_sync() if ddp and not last else contextlib.nullcontext()
+                with no_sync:
+                    with autocast(self.dtype, self.penv.device):
+                        logits = self.wrapped(batch["tokens"])
+                        loss_sum, count = masked_lm_loss_sum(logits, batch["labels"], batch["loss_mask"])
+                    ((loss_sum / count.clamp(min=1)) * (loss_scale / num_micro)).backward()
+                total += torch.stack([loss_sum.detach().double(), count.double()])
         self.penv.dp_all_reduce_sum(total)
         loss = (total[0] / total[1].clamp(min=1)).item()
 
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.params if p.grad is not None]
+        self._reduce_grads(params)
         if loss_scale != 1.0:
-            torch._foreach_mul_([p.grad for p in params], 1.0 / loss_scale)
-        clip = self.cfg.optim.clip_grad
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")).item()
+            torch._foreach_mul_([local_tensor(p.grad) for p in params], 1.0 / loss_scale)
+        grad_norm = clip_grad_norm(params, self.cfg.optim.clip_grad)
         bad = self.penv.all_reduce_max(0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0) > 0
-        skipped = bad
         if self.scaler is not None:
             self.scaler.update(bad)
-        if not skipped:
+        if not bad:
             self.optimizer.step()
         self.state.step += 1
         self.state.consumed_samples += gbs
         self.state.consumed_tokens += gbs * self.cfg.model.seq_length
-        self.state.skipped_steps += int(skipped)
+        self.state.skipped_steps += int(bad)
         return {
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "batch_size": gbs,
-            "skipped": skipped,
+            "skipped": bad,
             "loss_scale": loss_scale,
         }
+
+    def _reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Gradients DDP or FSDP do not already average: replicated ones over TP, all of them over DP when TP
+        runs without FSDP."""
+        if self.penv.tp > 1:
+            average_replicated_grads(params, self.penv.mesh["tp"])
+            if self.penv.dp > 1 and not self.fsdp:
+                all_reduce_mean([local_tensor(p.grad) for p in params], self.penv.dp_group(), self.penv.dp)
 
     # -- validation ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -191,7 +219,7 @@ class Trainer:
         # The same first eval_iters batches every time, so successive validation losses compare.
         for i in range(min(self.cfg.train.eval_iters, len(self.splits.valid) // gbs)):
             for batch in self._micro_batches(self.splits.valid, i * gbs, gbs):
-                with autocast(self.dtype, self.penv.device):
+                with loss_context(self.penv.tp), autocast(self.dtype, self.penv.device):
                     loss_sum, count = masked_lm_loss_sum(
                         self.wrapped(batch["tokens"]), batch["labels"], batch["loss_mask"]
                     )
