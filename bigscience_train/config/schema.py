@@ -163,7 +163,6 @@ class ClusterConfig:
     name: str = "local"
     # Key into the peak FLOP/s table (cpu: measured matmul peak).
     device: str = "cpu"
-    gpus_per_node: int = 0
 
 
 @dataclass
