@@ -98,8 +98,7 @@ def _ckpt_inspect(args: argparse.Namespace) -> int:
     from bigscience_train.checkpoint.inspect import describe
     from bigscience_train.config import load_config
 
-    compare = load_config(args.overrides) if args.diff or args.overrides else None
-    print(describe(args.path, compare))
+    print(describe(args.path, load_config(args.diff) if args.diff is not None else None))
     return 0
 
 
@@ -162,8 +161,12 @@ def _parser() -> argparse.ArgumentParser:
     csub = ckpt.add_subparsers(dest="ckpt_command", required=True)
     cin = csub.add_parser("inspect", help="step, tokens, layout, shards, parameters, config diff")
     cin.add_argument("path", help="a step directory, checkpoints/ directory or run directory")
-    cin.add_argument("--diff", action="store_true", help="compare with the config these overrides give")
-    cin.add_argument("overrides", nargs="*", help="Hydra overrides of the config to compare with")
+    cin.add_argument(
+        "--diff",
+        nargs="*",
+        metavar="OVERRIDE",
+        help="compare with the config these Hydra overrides give (none: the default config)",
+    )
     cin.set_defaults(func=_ckpt_inspect)
     cex = csub.add_parser("export-hf", help="write a Hugging Face BloomForCausalLM directory (safetensors)")
     cex.add_argument("path", help="a step directory, checkpoints/ directory or run directory")

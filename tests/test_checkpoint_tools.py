@@ -40,6 +40,9 @@ def test_inspect_reports_step_layout_and_config_diff(trained):
     assert "optim.lr: 0.003 -> 0.0001" in text and ".distcp" in text
     out = run_cli(["ckpt", "inspect", str(trained / "checkpoints" / "step_0000004")])
     assert out.returncode == 0 and "step 4" in out.stdout
+    diff = run_cli(["ckpt", "inspect", str(trained), "--diff", "model=gpt_tiny", "optim.lr=1e-4"])
+    assert diff.returncode == 0, diff.stderr
+    assert "optim.lr: 0.003 -> 0.0001" in diff.stdout
     missing = run_cli(["ckpt", "inspect", str(trained / "nope")])
     assert missing.returncode == 2 and "is not a checkpoint" in missing.stderr
 
