@@ -69,6 +69,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def latest_checkpoint(root: Path) -> Path | None:
+    """The step directory root/latest names; None when there is no pointer yet."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+    return path
+
+
 def committed_steps(root: Path) -> list[int]:
     if not root.is_dir():
         return []
@@ -91,13 +102,7 @@ class CheckpointManager:
         self.keep_last, self.keep_every = keep_last, keep_every
 
     def latest(self) -> Path | None:
-        pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        if not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
-        return path
+        return latest_checkpoint(self.root)
 
     def clean_incomplete(self) -> list[Path]:
         """Temporary directories of interrupted saves: reported and removed by rank 0."""

@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from bigscience_train.checkpoint.dcp import LATEST
+from bigscience_train.checkpoint.dcp import latest_checkpoint
 
 MODEL_PREFIX = "model."
 
@@ -23,11 +23,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for root in (path, path / "checkpoints"):
         if (root / "meta.json").is_file():
             return root
-        if (root / LATEST).is_file():
-            step = root / (root / LATEST).read_text().strip()
-            if (step / "meta.json").is_file():
-                return step
-            raise FileNotFoundError(f"{root / LATEST} names {step.name}, which is not a complete checkpoint")
+        step = latest_checkpoint(root)
+        if step is not None:
+            return step
     raise FileNotFoundError(
         f"{path} is not a checkpoint (no meta.json), a checkpoints directory or a run directory"
     )
