@@ -3,31 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 from bigscience_train.config import ConfigError, OverrideError
+from bigscience_train.slurm import SlurmError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from bigscience_train.config import load_config, to_yaml, validate
+    from bigscience_train.config import load_config, load_config_file, to_yaml, validate
+    from bigscience_train.config.validate import unsupported_problems
+    from bigscience_train.train.stop import catch
+
+    if args.config_file and args.overrides:
+        raise ValueError("give either --config-file or Hydra overrides, not both")
+    cfg = load_config_file(args.config_file) if args.config_file else load_config(args.overrides)
+    if not args.cfg:
+        # Before torch is imported (seconds): a stop signal sent while the job starts must not kill it.
+        # A bad signal name is reported with every other problem by validate() below.
+        with contextlib.suppress(ValueError):
+            catch(cfg.train.stop_signal)
     from bigscience_train.parallel.env import init_parallel, launcher_env, shutdown
     from bigscience_train.train.loop import Trainer
 
-    cfg = load_config(args.overrides)
     if args.cfg:
         print(to_yaml(cfg), end="")
         return 0
     rank, world, _ = launcher_env()
     validate(cfg, world, check_files=True)
-    unsupported = [
-        f"{setting}: not available in this version yet"
-        for setting, wanted in (
-            (f"parallel.pp={cfg.parallel.pp}", cfg.parallel.pp > 1),
-            ("parallel.sequence_parallel=true", cfg.parallel.sequence_parallel),
-        )
-        if wanted
-    ]
+    unsupported = unsupported_problems(cfg)
     if unsupported:
         raise ConfigError(unsupported)
     penv = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp)
@@ -74,6 +79,9 @@ def _data_preprocess(args: argparse.Namespace) -> int:
         args.append_eod,
         args.workers,
         args.strict,
+        shard=args.shard,
+        num_shards=args.num_shards,
+        fast=not args.no_fast_encoder,
     )
     print(f"wrote {args.output_prefix}.bin/.idx\n{summary}")
     return 0
@@ -110,12 +118,103 @@ def _ckpt_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slurm_render(args: argparse.Namespace) -> int:
+    from bigscience_train.slurm.submit import prepare_training
+
+    prepared = prepare_training(args.overrides, force=True)
+    print(prepared.script, end="", flush=True)
+    print(
+        f"# written to {prepared.script_path} (config: {prepared.script_path.parent / 'config.yaml'})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _slurm_submit(args: argparse.Namespace) -> int:
+    from bigscience_train.slurm.submit import active_jobs, prepare_training, sbatch
+
+    prepared = prepare_training(args.overrides, force=args.force)
+    run_dir = prepared.records[0][0]
+    if args.dry_run:
+        print(f"rendered {prepared.script_path} (not submitted: --dry-run)")
+        return 0
+    busy = active_jobs(run_dir)
+    if busy and not args.force:
+        raise ValueError(
+            f"run {run_dir} already has job(s) {', '.join(busy)} queued or running; "
+            "scancel them first, or give --force"
+        )
+    job_id = sbatch(prepared, "train")
+    print(f"submitted job {job_id}: {prepared.script_path}\nfollow it: bigscience slurm status {run_dir}")
+    return 0
+
+
+def _slurm_sweep(args: argparse.Namespace) -> int:
+    from bigscience_train.slurm.submit import prepare_sweep, sbatch
+
+    prepared = prepare_sweep(args.overrides, args.max_parallel, force=args.force)
+    root = prepared.records[0][0]
+    runs = [str(d) for d, task in prepared.records if task is not None]
+    print(f"{len(runs)} runs:\n" + "\n".join(f"  {r}" for r in runs))
+    if args.dry_run:
+        print(f"rendered {prepared.script_path} (not submitted: --dry-run)")
+        return 0
+    job_id = sbatch(prepared, "sweep")
+    print(f"submitted array {job_id}: {prepared.script_path}\nfollow it: bigscience slurm status {root}")
+    return 0
+
+
+def _slurm_status(args: argparse.Namespace) -> int:
+    from bigscience_train.slurm.status import status
+
+    code, text = status(Path(args.run))
+    print(text)
+    return code
+
+
+def _slurm_preprocess(args: argparse.Namespace) -> int:
+    from bigscience_train.slurm.submit import prepare_preprocess, sbatch
+
+    extra = ["--json-key", args.json_key, "--workers", str(args.workers)]
+    extra += ["--append-eod"] if args.append_eod else []
+    shards, merge = prepare_preprocess(
+        args.input, args.output_prefix, args.tokenizer, args.num_shards, extra, args.overrides
+    )
+    if args.dry_run:
+        print(f"rendered {shards.script_path} and {merge.script_path} (not submitted: --dry-run)")
+        return 0
+    array = sbatch(shards, "preprocess")
+    merged = sbatch(merge, "merge", dependency=f"afterok:{array}")
+    print(f"submitted shard array {array} and merge job {merged} (runs after every shard succeeded)")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from bigscience_train.config import config_problems, load_config
+    from bigscience_train.plan.estimate import layout_of, make_plan, search
+    from bigscience_train.plan.report import format_plan, format_search
+
+    cfg = load_config(args.overrides)
+    if args.search:
+        print(format_search(cfg, search(cfg, args.top)))
+        return 0
+    c = cfg.cluster
+    problems = config_problems(cfg, c.nodes * c.procs_per_node)
+    if problems:
+        raise ConfigError(problems)
+    print(format_plan(cfg, make_plan(cfg, layout_of(cfg))))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigscience", description="Pretrain BLOOM-style GPT models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (Hydra overrides: model=gpt_350m optim.lr=3e-4 ...)")
     train.add_argument("--cfg", choices=["job"], help="print the resolved config and exit")
+    train.add_argument(
+        "--config-file", help="train from this resolved config.yaml (as Slurm jobs do) instead of configs/"
+    )
     train.add_argument("overrides", nargs="*", help="Hydra overrides")
     train.set_defaults(func=_train)
 
@@ -173,6 +272,53 @@ def _parser() -> argparse.ArgumentParser:
     cex.add_argument("out", help="output directory (must not exist)")
     cex.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors file")
     cex.set_defaults(func=_ckpt_export_hf)
+
+    plan = sub.add_parser("plan", help="memory and throughput estimate of a config on its cluster")
+    plan.add_argument("--search", action="store_true", help="rank the layouts that fit, fastest first")
+    plan.add_argument("--top", type=int, default=10, help="layouts shown by --search")
+    plan.add_argument("overrides", nargs="*", help="Hydra overrides (model=, parallel.*, cluster=, ...)")
+    plan.set_defaults(func=_plan)
+
+    slurm = sub.add_parser("slurm", help="render, submit and follow Slurm jobs")
+    ssub = slurm.add_subparsers(dest="slurm_command", required=True)
+    srender = ssub.add_parser("render", help="print the sbatch script of a run (written to RUN/slurm/)")
+    srender.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. cluster=jean_zay_v100_32g")
+    srender.set_defaults(func=_slurm_render)
+    ssubmit = ssub.add_parser(
+        "submit", help="validate, render and sbatch a run (a chain if cluster.chain_jobs > 1)"
+    )
+    ssubmit.add_argument("--dry-run", action="store_true", help="render only")
+    ssubmit.add_argument(
+        "--force",
+        action="store_true",
+        help="submit even if the run has jobs queued or is predicted not to fit",
+    )
+    ssubmit.add_argument("overrides", nargs="*", help="Hydra overrides")
+    ssubmit.set_defaults(func=_slurm_submit)
+    ssweep = ssub.add_parser("sweep", help="one job array from Hydra sweep syntax (optim.lr=1e-4,3e-4 ...)")
+    ssweep.add_argument("--max-parallel", type=int, help="tasks running at once (the array's %%K)")
+    ssweep.add_argument("--dry-run", action="store_true", help="render only")
+    ssweep.add_argument("--force", action="store_true", help="submit tasks predicted not to fit")
+    ssweep.add_argument("overrides", nargs="*", help="Hydra overrides; comma lists and range() sweep")
+    ssweep.set_defaults(func=_slurm_sweep)
+    sstatus = ssub.add_parser(
+        "status", help="jobs, states, step, checkpoint; exit 1 unless running or queued"
+    )
+    sstatus.add_argument("run", help="run directory (or a sweep's directory)")
+    sstatus.set_defaults(func=_slurm_status)
+    sprep = ssub.add_parser("preprocess", help="an array of preprocessing shards, then a merge job")
+    sprep.add_argument("--input", nargs="+", required=True)
+    sprep.add_argument("--output-prefix", required=True)
+    sprep.add_argument("--tokenizer", required=True)
+    sprep.add_argument("--num-shards", type=int, required=True)
+    sprep.add_argument("--workers", type=int, default=1, help="processes per shard")
+    sprep.add_argument("--json-key", default="text")
+    sprep.add_argument("--append-eod", action="store_true")
+    sprep.add_argument("--dry-run", action="store_true", help="render only")
+    sprep.add_argument(
+        "overrides", nargs="*", help="cluster overrides, e.g. cluster=slurm cluster.time=2:00:00"
+    )
+    sprep.set_defaults(func=_slurm_preprocess)
     return parser
 
 
@@ -180,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, OverrideError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, OverrideError, FileNotFoundError, FileExistsError, ValueError, SlurmError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,5 +1,9 @@
 import json
 import math
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -194,3 +198,42 @@ def test_tokenizer_bigger_than_model_vocab_is_an_error(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="has 512 tokens but model.vocab_size=100"):
         train(tiny_data, tmp_path / "v", "train.iters=1", "model.vocab_size=100")
     assert torch.get_num_threads() >= 1
+
+
+def _when_training_starts(run_dir, action):
+    """Runs `action` from another thread once the first training step is logged."""
+
+    def watch():
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and '"kind": "train"' in metrics.read_text()):
+            time.sleep(0.05)
+        action()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_stop_signal_checkpoints_at_the_step_boundary_and_resume_is_exact(tiny_data, tmp_path):
+    train(tiny_data, tmp_path / "straight", "train.iters=40")
+    run = tmp_path / "cut"
+    _when_training_starts(run, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    cut = train(tiny_data, run, "train.iters=40")
+    assert cut.stop_reason == "signal" and 0 < cut.state.step < 40
+    assert cut.checkpoint.name == step_dir_name(cut.state.step)
+    last = json.loads((run / "last_stop.json").read_text())
+    assert last == {**last, "reason": "signal", "finished": False, "step": cut.state.step}
+    done = train(tiny_data, run, "train.iters=40")
+    assert done.stop_reason == "iters"
+    assert losses(run) == losses(tmp_path / "straight")
+    assert json.loads((run / "last_stop.json").read_text())["finished"] is True
+
+
+def test_kill_switch_stops_cleanly_and_keeps_stopping(tiny_data, tmp_path):
+    run = tmp_path / "k"
+    switch = tmp_path / "STOP"
+    _when_training_starts(run, switch.touch)
+    result = train(tiny_data, run, "train.iters=1000", f"train.kill_switch={switch}")
+    assert result.stop_reason == "kill_switch" and result.checkpoint.name == step_dir_name(result.state.step)
+    again = train(tiny_data, run, "train.iters=1000", f"train.kill_switch={switch}")
+    assert again.stop_reason == "kill_switch" and again.state.step == result.state.step

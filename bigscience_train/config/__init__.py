@@ -1,6 +1,6 @@
 """Typed run configuration: schema, Hydra composition and validation."""
 
-from bigscience_train.config.load import OverrideError, load_config, to_yaml
+from bigscience_train.config.load import OverrideError, load_config, load_config_file, to_yaml
 from bigscience_train.config.schema import RunConfig
 from bigscience_train.config.validate import (
     ConfigError,
@@ -18,6 +18,7 @@ __all__ = [
     "config_problems",
     "data_parallel_size",
     "load_config",
+    "load_config_file",
     "padded_vocab_size",
     "parse_blend",
     "to_yaml",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import is_dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -48,13 +49,28 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     return cfg
 
 
+def load_config_file(path: str | Path) -> DictConfig:
+    """A resolved config written by an earlier run or by `bigscience slurm render`, checked against the
+    schema (unknown keys and wrong types are errors naming the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such config file {path}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise OverrideError(f"{path}: {e}") from e
+    return cfg
+
+
 def unknown_keys(node: DictConfig, schema: DictConfig, prefix: str = "") -> list[str]:
     found = []
     known = set(schema.keys())  # `in` on a DictConfig is False for MISSING (???) values
     for key in node:
         if key not in known:
             found.append(f"{prefix}{key}")
-        elif isinstance(node[key], DictConfig) and isinstance(schema[key], DictConfig):
+        elif isinstance(node[key], DictConfig) and is_dataclass(OmegaConf.get_type(schema, key)):
+            # Dict-typed fields (cluster.env) take any key; dataclass ones only their own.
             found += unknown_keys(node[key], schema[key], f"{prefix}{key}.")
     return found
 

@@ -138,6 +138,11 @@ class TrainConfig:
     resume: str = "auto"
     # Stop with an error after this many consecutive non-finite losses (each such step is skipped).
     max_consecutive_nonfinite: int = 5
+    # The signal that asks for a checkpoint and a clean exit at the next step boundary (Slurm sends it
+    # before the wall-clock limit: --signal); the next job of a chain resumes from it.
+    stop_signal: str = "SIGUSR1"
+    # A file whose existence stops the run cleanly (checkpoint, exit) and ends a Slurm chain; null: none.
+    kill_switch: str | None = "${run_dir}/kill-switch"
 
 
 @dataclass
@@ -158,11 +163,61 @@ class LoggingConfig:
     progress: str = "auto"
 
 
+class Launcher(str, Enum):
+    # One Slurm task per node running torchrun (c10d rendezvous), or one Slurm task per rank.
+    torchrun = "torchrun"
+    srun = "srun"
+
+
 @dataclass
 class ClusterConfig:
+    """Where a run executes: the machine, and for Slurm clusters the sbatch directives of a job."""
+
     name: str = "local"
-    # Key into the peak FLOP/s table (cpu: measured matmul peak).
+    # Key into the device tables (peak FLOP/s, memory, power); cpu: the matmul peak measured at start-up.
     device: str = "cpu"
+    # Overrides of the device table, for variants (V100 16 GB) and sites (a capped TDP).
+    device_memory_gb: float | None = None
+    tdp_watts: float | None = None
+    # Network injection bandwidth of one node, GB/s (e.g. 4 x 100 Gb/s links = 50).
+    inter_node_gbps: float = 25.0
+    # Power usage effectiveness of the data centre and grid carbon intensity (g CO2eq/kWh), for estimates.
+    pue: float = 1.0
+    carbon_intensity: float | None = None
+    country_iso_code: str | None = None
+    nodes: int = 1
+    # Training processes (ranks) per node: one per GPU.
+    procs_per_node: int = 1
+    cpus_per_node: int | None = None
+    # Generic resources per node, e.g. gpu:4.
+    gres: str | None = None
+    account: str | None = None
+    partition: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    reservation: str | None = None
+    # nomultithread: physical cores only.
+    hint: str | None = None
+    # Wall-clock limit of one job, [D-]HH:MM:SS or minutes.
+    time: str = "01:00:00"
+    exclude: str | None = None
+    # Any further directives, written as given: ["--mail-type=FAIL", "--mem=0"].
+    extra_directives: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
+    # Shell lines run before training, written verbatim (they are code: no secrets here).
+    setup: list[str] = field(default_factory=list)
+    # Environment variables exported by the job; values are shell-quoted.
+    env: dict[str, str] = field(default_factory=dict)
+    # Compute nodes without internet: HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE, WANDB_MODE.
+    offline: bool = True
+    launcher: Launcher = Launcher.torchrun
+    # train.stop_signal is sent this many seconds before the time limit (enough to save a checkpoint).
+    signal_seconds: int = 300
+    # Jobs in a chain across wall-clock limits (an array run one at a time, each resuming from `latest`).
+    chain_jobs: int = 1
+    # The Python (with bigscience_train installed) and the directory jobs run in; null: this one, here.
+    python: str | None = None
+    workdir: str | None = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from bigscience_train.config.schema import PIPELINE_SCHEDULES, RunConfig
+from bigscience_train.train.stop import signal_number
 
 PROGRESS_MODES = ("auto", "bar", "plain")
 RESUME_MODES = ("auto", "never")
@@ -115,6 +116,10 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
     for name in ("iters", "tokens", "exit_duration_minutes", "exit_interval"):
         value = getattr(tr, name)
         need(value is None or value > 0, f"train.{name}={value} must be positive")
+    try:
+        signal_number(tr.stop_signal)
+    except ValueError as e:
+        problems.append(str(e))
     need(tr.resume in RESUME_MODES, f"train.resume={tr.resume!r} is not one of {', '.join(RESUME_MODES)}")
     need(tr.eval_interval >= 1, f"train.eval_interval={tr.eval_interval} must be >= 1")
     need(tr.eval_iters >= 0, f"train.eval_iters={tr.eval_iters} must be >= 0")
@@ -194,6 +199,18 @@ def file_problems(cfg: RunConfig) -> list[str]:
             if not Path(prefix + suffix).is_file():
                 problems.append(f"data.blend: no such file {prefix}{suffix}")
     return problems
+
+
+def unsupported_problems(cfg: RunConfig) -> list[str]:
+    """Valid settings the trainer cannot run yet."""
+    return [
+        f"{setting}: not available in this version yet"
+        for setting, wanted in (
+            (f"parallel.pp={cfg.parallel.pp}", cfg.parallel.pp > 1),
+            ("parallel.sequence_parallel=true", cfg.parallel.sequence_parallel),
+        )
+        if wanted
+    ]
 
 
 def validate(cfg: RunConfig, world_size: int = 1, check_files: bool = False) -> None:

@@ -165,7 +165,10 @@ class GPT(nn.Module):
         x = t.embedding_dropout(x)
         bias = rope = None
         if self.shape.position == "alibi":
-            bias = positions.alibi_causal_bias(self.alibi_slopes, seq_len, x.dtype)
+            # Built in the dtype attention runs in: autocast would otherwise cast a copy in every layer.
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            bias = positions.alibi_causal_bias(self.alibi_slopes, seq_len, dtype)
         elif self.shape.position == "rotary":
             rope = positions.rotary_cos_sin(self.rotary_inv_freq, seq_len, x.dtype)
         for block in t.h.values():

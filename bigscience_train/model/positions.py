@@ -23,12 +23,16 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 def alibi_causal_bias(slopes: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention bias of shape (heads, seq, seq): -slope * distance to the key, -inf on future keys."""
+    """Additive attention bias of shape (1, heads, seq, seq): -slope * distance to the key, -inf on future keys.
+
+    Four dimensions, broadcast over the batch: SDPA's fused kernels take such a mask and keep one copy of it
+    for backward, where a 3-D mask sends them to the math path, which stores every (batch, head) score matrix.
+    """
     pos = torch.arange(seq_len, device=slopes.device)
     distance = (pos[:, None] - pos[None, :]).to(torch.float32)
     bias = -slopes[:, None, None] * distance
     bias = bias.masked_fill(distance < 0, float("-inf"))
-    return bias.to(dtype)
+    return bias.to(dtype)[None]
 
 
 def rotary_inv_freq(head_dim: int, base: float, device: torch.device | None = None) -> torch.Tensor:

@@ -57,13 +57,14 @@ class ParallelEnv:
         if self.world_size > 1:
             dist.barrier()
 
-    def all_reduce_max(self, value: float) -> float:
-        """Max over every rank of the job: for decisions all ranks must take together (stop, skip)."""
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        """Element-wise max over every rank of the job: for decisions all ranks must take together (stop,
+        skip), in one collective."""
         if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
+        return t.tolist()
 
     def dp_all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.dp > 1:

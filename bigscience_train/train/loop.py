@@ -28,6 +28,7 @@ from bigscience_train.data.gpt_data import build_splits
 from bigscience_train.data.sampling import collate, micro_batch_indices
 from bigscience_train.data.tokenizer import Tokenizer
 from bigscience_train.fsutil import atomic_write_text
+from bigscience_train.last_stop import FINISHED_STOPS, write_last_stop
 from bigscience_train.metrics.flops import flops_per_iteration, peak_flops
 from bigscience_train.metrics.writer import MetricsWriter
 from bigscience_train.model import build_on_meta, count_parameters, materialize, shape_from_config
@@ -45,6 +46,10 @@ from bigscience_train.parallel.tensor import (
 from bigscience_train.train.loss import masked_lm_loss_sum
 from bigscience_train.train.precision import DynamicLossScaler, autocast
 from bigscience_train.train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples
+from bigscience_train.train.stop import StopRequests
+
+# Stops that interrupt a run (it continues in a later job), in order of precedence.
+EXTERNAL_STOPS = ("kill_switch", "signal", "exit_duration")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -136,6 +141,7 @@ class Trainer:
             self.run_dir / "checkpoints", penv, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
         )
         self.peak = peak_flops(cfg.cluster.device, self.dtype)
+        self.stop_requests = StopRequests(tr.stop_signal, tr.kill_switch)
         self.writer = None
 
     # -- one optimizer step -------------------------------------------------------------------------------
@@ -182,7 +188,8 @@ class Trainer:
         if loss_scale != 1.0:
             torch._foreach_mul_([local_tensor(p.grad) for p in params], 1.0 / loss_scale)
         grad_norm = clip_grad_norm(params, self.cfg.optim.clip_grad)
-        bad = self.penv.all_reduce_max(0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0) > 0
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        bad = self.penv.all_reduce_max([0.0 if finite else 1.0])[0] > 0
         if self.scaler is not None:
             self.scaler.update(bad)
         if not bad:
@@ -260,10 +267,15 @@ class Trainer:
             return "tokens"
         if tr.exit_interval is not None and self.state.step > 0 and self.state.step % tr.exit_interval == 0:
             return "exit_interval"
-        if tr.exit_duration_minutes is not None:
-            elapsed = (time.monotonic() - self.start_time) / 60.0
-            if self.penv.all_reduce_max(elapsed) >= tr.exit_duration_minutes:
-                return "exit_duration"
+        # Signals and files reach ranks at different moments: the job acts on them when any rank saw one.
+        elapsed = (time.monotonic() - self.start_time) / 60.0
+        over_time = tr.exit_duration_minutes is not None and elapsed >= tr.exit_duration_minutes
+        local = (self.stop_requests.kill_switch_on(), self.stop_requests.signalled(), over_time)
+        for reason, seen in zip(
+            EXTERNAL_STOPS, self.penv.all_reduce_max([float(f) for f in local]), strict=True
+        ):
+            if seen:
+                return reason
         return None
 
     def _save(self) -> Path:
@@ -336,14 +348,27 @@ class Trainer:
                     saved = self._save()
             if window:
                 self._log_train(window)
-            if self.state.step % tr.eval_interval:
+            if reason == "signal":
+                self.stop_requests.acknowledge()
+            # An interrupted run saves first: its time is short, and its next job validates soon enough.
+            if self.state.step % tr.eval_interval and reason in FINISHED_STOPS:
                 last_val = self._log_eval() or last_val
             latest = self.checkpoints.latest()
-            if cfg.checkpoint.save_final and (
-                latest is None or latest.name != step_dir_name(self.state.step)
-            ):
+            # An interrupted run always saves: the next job continues from exactly here.
+            must_save = cfg.checkpoint.save_final or reason not in FINISHED_STOPS
+            if must_save and (latest is None or latest.name != step_dir_name(self.state.step)):
                 saved = self._save()
             saved = saved or latest
+            if self.penv.is_rank0:
+                write_last_stop(
+                    self.run_dir,
+                    reason,
+                    self.state.step,
+                    self.state.consumed_tokens,
+                    saved.name if saved else None,
+                )
+            # No rank leaves before the record exists: a launcher may kill the job when the first rank exits.
+            self.penv.barrier()
         finally:
             if self.writer is not None:
                 self.writer.close()

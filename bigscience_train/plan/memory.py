@@ -1,0 +1,192 @@
+"""Memory per device of this trainer, term by term, for the heaviest pipeline stage.
+
+Notation: h hidden size, s sequence, b micro batch, a heads, V padded vocabulary, t tp, p pp, d dp, L layers,
+P_r the parameters one rank holds. The trainer keeps fp32 parameters whatever the precision (bf16/fp16 run
+inside autocast), so per parameter: weights 4 B, gradients 4 B, AdamW's two moments 8 B.
+
+- weights, gradients, optimizer: 4 P_r, 4 P_r, 8 P_r; divided by d under FSDP (zero2 / zero3).
+- gathered parameters (FSDP): zero2 keeps every layer gathered from forward to backward: 4 P_r (1 - 1/d);
+  zero3 gathers two layers at a time.
+- DDP buckets (dp > 1, tp = 1, no FSDP): a second copy of the gradients, 4 P_r.
+- autocast weight cache (bf16/fp16): each matmul weight cast once per step, 2 B per matmul parameter.
+- activations, per layer and micro batch, with sbh = s*b*h elements (inputs saved for backward):
+    none       fp32: 4(4 + 13/t) sbh B       bf16/fp16: (12 + 26/t) sbh B
+    selective  fp32: 4(3 + 8/t) sbh B        bf16/fp16: (8 + 16/t) sbh B   (matmul outputs kept)
+    full       4 sbh B (the block input), plus one layer's `none` activations while it is recomputed
+  The fp32 residual stream and layernorm inputs stay 4 B under autocast; matmul inputs and outputs are 2 B.
+  The ALiBi bias, shared by all layers of a micro batch: (a/t) s^2 B x (2 or 4).
+  First stage: the embedding layernorm's input, 4 sbh B. Last stage: ln_f input 4 sbh B, logits and
+  log-softmax 8 bsV/t B in fp32 (10 bsV/t B with autocast: bf16 logits, then fp32).
+- micro batches in flight on the first stage: 1 without pipeline, min(p, m) for 1F1B, m for GPipe,
+  p + (p - 1)/v for interleaved 1F1B with v virtual stages (Narayanan et al. 2021).
+- temporary buffers: the logits' gradient 4 bsV/t B; the foreach AdamW step's one fp32 copy of the states it
+  updates, 4 P_r (/d sharded); pipeline send/receive buffers 2 x 4 sbh B.
+
+The peak is the larger of forward/backward (everything but the optimizer temporary) and the optimizer step
+(states, weights, gradients and its temporary; activations are freed by then).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bigscience_train.config import padded_vocab_size
+
+GIB = 1024**3
+# Memory that lives only from a micro batch's forward to its backward.
+_TRANSIENT = ("activations", "recomputed layer", "logits", "temporary buffers")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    recompute: str = "none"
+    zero: str = "none"
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+
+    def __str__(self) -> str:
+        return f"tp={self.tp} pp={self.pp} dp={self.dp} mbs={self.micro_batch} recompute={self.recompute}" + (
+            f" {self.zero}" if self.zero != "none" else ""
+        )
+
+
+@dataclass
+class ParameterCounts:
+    total: int
+    embedding: int  # word embeddings (and learned positions), held by the first stage (and tied on the last)
+    per_layer: int
+    per_rank_layer: int  # one layer's share on one tensor-parallel rank
+    per_rank_embedding: int
+    per_rank_final: int  # final layernorm (+ untied output layer) on a last-stage rank
+
+
+def parameter_counts(model, tp: int) -> ParameterCounts:
+    """Exact for our GPT: per layer 12h^2 + 13h (qkv, dense, two MLP matrices with biases, two layernorms).
+
+    Tensor parallelism splits the matmul weights, the column-parallel biases (qkv, h->4h) and the vocabulary;
+    row-parallel biases and layernorms are replicated.
+    """
+    h, s = model.hidden_size, model.seq_length
+    v = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
+    position = str(getattr(model.position, "value", model.position))
+    embedding = v * h + (s * h if position == "learned" else 0) + (2 * h if model.embedding_layernorm else 0)
+    per_layer = 12 * h * h + 13 * h
+    output = 0 if model.tie_embeddings else v * h
+    per_rank_embedding = v * h // tp + (s * h if position == "learned" else 0)
+    per_rank_embedding += 2 * h if model.embedding_layernorm else 0
+    return ParameterCounts(
+        total=embedding + model.num_layers * per_layer + 2 * h + output,
+        embedding=embedding,
+        per_layer=per_layer,
+        per_rank_layer=12 * h * h // tp + 7 * h // tp + 6 * h,
+        per_rank_embedding=per_rank_embedding,
+        per_rank_final=2 * h + output // tp,
+    )
+
+
+def stage_layers(num_layers: int, pp: int, count_embeddings: bool) -> tuple[int, int, int]:
+    """Transformer layers on the (first, middle, last) stage; with BigScience's balancing the embedding and the
+    output layer each take one layer's slot on their stage."""
+    if pp == 1:
+        return num_layers, num_layers, num_layers
+    units = (num_layers + 2) // pp if count_embeddings else num_layers // pp
+    edge = units - 1 if count_embeddings else units
+    return edge, units, edge
+
+
+def in_flight(layout: Layout, micro_batches: int) -> float:
+    p = layout.pp
+    if p == 1:
+        return 1.0
+    if layout.schedule == "gpipe":
+        return float(micro_batches)
+    if layout.schedule == "interleaved_1f1b":
+        return min(float(micro_batches), p + (p - 1) / layout.virtual_stages)
+    return float(min(p, micro_batches))
+
+
+def layer_activation_bytes(sbh: float, tp: int, recompute: str, half: bool) -> float:
+    if recompute == "full":
+        return 4 * sbh
+    if recompute == "selective":
+        return (8 + 16 / tp) * sbh if half else 4 * (3 + 8 / tp) * sbh
+    return (12 + 26 / tp) * sbh if half else 4 * (4 + 13 / tp) * sbh
+
+
+@dataclass
+class MemoryEstimate:
+    terms: dict[str, float] = field(default_factory=dict)  # bytes, each at its largest during the step
+    forward_backward_peak: float = 0.0
+    optimizer_peak: float = 0.0
+    parameters_per_rank: int = 0
+
+    @property
+    def peak(self) -> float:
+        return max(self.forward_backward_peak, self.optimizer_peak)
+
+
+def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
+    m_cfg, t, d = cfg.model, layout.tp, layout.dp
+    half = cfg.precision.dtype.value != "fp32"
+    counts = parameter_counts(m_cfg, t)
+    first, _, last = stage_layers(m_cfg.num_layers, layout.pp, cfg.parallel.pp_count_embeddings)
+    h, s, b = m_cfg.hidden_size, m_cfg.seq_length, layout.micro_batch
+    v = padded_vocab_size(m_cfg.vocab_size, m_cfg.make_vocab_size_divisible_by, t)
+    sbh = s * b * h
+    micro_batches = max(global_batch // (b * d), 1)
+    alibi = str(getattr(m_cfg.position, "value", m_cfg.position)) == "alibi"
+    bias = (m_cfg.num_heads / t) * s * s * (2 if half else 4) if alibi else 0.0
+    logits = (10 if half else 8) * b * s * v / t + 4 * sbh * 2
+
+    best: MemoryEstimate | None = None
+    stages = [(first, True, layout.pp == 1)] + ([(last, False, True)] if layout.pp > 1 else [])
+    for layers, has_embedding, has_output in stages:
+        p_rank = layers * counts.per_rank_layer
+        p_rank += counts.per_rank_embedding if has_embedding or (has_output and m_cfg.tie_embeddings) else 0
+        p_rank += counts.per_rank_final if has_output else 0
+        shard = d if layout.zero != "none" else 1
+        terms = {
+            "weights": 4 * p_rank / shard,
+            "gradients": 4 * p_rank / shard,
+            "optimizer states": 8 * p_rank / shard,
+        }
+        if layout.zero == "zero2":
+            terms["gathered parameters"] = 4 * p_rank * (1 - 1 / d)
+        elif layout.zero == "zero3":
+            terms["gathered parameters"] = 2 * 4 * counts.per_rank_layer * (1 - 1 / d)
+        if d > 1 and t == 1 and layout.zero == "none":
+            terms["DDP gradient buckets"] = 4 * p_rank
+        if half:
+            terms["autocast weight copies"] = 2 * layers * 12 * h * h / t
+        flight = in_flight(layout, micro_batches) if has_embedding else 1.0
+        per_micro_batch = layers * layer_activation_bytes(sbh, t, layout.recompute, half) + bias
+        per_micro_batch += 4 * sbh if has_embedding and m_cfg.embedding_layernorm else 0
+        terms["activations"] = per_micro_batch * flight
+        if layout.recompute == "full":
+            terms["recomputed layer"] = layer_activation_bytes(sbh, t, "none", half)
+        if has_output:
+            terms["logits"] = logits
+        temp = (4 * b * s * v / t if has_output else 0) + (2 * 4 * sbh if layout.pp > 1 else 0)
+        terms["temporary buffers"] = temp
+        states = terms["weights"] + terms["gradients"] + terms["optimizer states"]
+        transient = sum(terms.get(k, 0.0) for k in _TRANSIENT)
+        persistent = sum(terms.values()) - transient - terms["gradients"]
+        if micro_batches == 1 and layout.pp == 1:
+            # Gradients are created (set_to_none each step) as backward frees the activations: with one
+            # micro batch, the two peak at opposite ends of backward.
+            forward_backward = persistent + max(terms["gradients"], transient)
+        else:
+            forward_backward = persistent + terms["gradients"] + transient
+        estimate = MemoryEstimate(
+            terms,
+            forward_backward_peak=forward_backward,
+            optimizer_peak=states + terms.get("DDP gradient buckets", 0.0) + 4 * p_rank / shard,
+            parameters_per_rank=p_rank,
+        )
+        if best is None or estimate.peak > best.peak:
+            best = estimate
+    return best

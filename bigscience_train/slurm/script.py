@@ -1,0 +1,183 @@
+"""Sbatch scripts: training runs (single, chained, or a sweep array) and arrays of plain commands.
+
+A script is self-contained: directives, site setup, the absolute Python and working directory, and the
+path of the resolved config it trains from. Every value that comes from a user is shell-quoted; secrets are
+never written (sbatch hands the submitting shell's environment to the job).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from bigscience_train import __version__
+from bigscience_train.slurm.directives import sbatch_directives
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+}
+# torchrun's agent forwards these to the ranks; the stop signal must be among them, or it would kill the agent.
+_TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+# Slurm may send --signal up to this many seconds early: the ranks get that long on top to save and exit.
+SIGNAL_EARLY = 60
+# Arguments the job's shell expands: the array task's index, and the Python the script set.
+ARRAY_TASK = "${SLURM_ARRAY_TASK_ID}"
+PYTHON = "${PYTHON}"
+SHELL_VARS = (ARRAY_TASK, PYTHON)
+
+
+def q(value) -> str:
+    return shlex.quote(str(value))
+
+
+def bash_array(name: str, values: list[str]) -> str:
+    return f"{name}=(" + " ".join(q(v) for v in values) + ")"
+
+
+def command_line(args: list[str]) -> str:
+    """Arguments shell-quoted, except SHELL_VARS within them, which the shell expands (in double quotes)."""
+    pattern = "(" + "|".join(re.escape(v) for v in SHELL_VARS) + ")"
+    return " ".join(
+        "".join(f'"{part}"' if part in SHELL_VARS else q(part) for part in re.split(pattern, a) if part)
+        for a in args
+    )
+
+
+@dataclass
+class Job:
+    name: str
+    cluster: object
+    python: str
+    workdir: str
+    output: str
+    tasks_per_node: int
+    array: str | None = None
+    signal: str | None = None
+    description: str = ""
+
+
+def directive_path(label: str, path: str) -> str:
+    """A path as an #SBATCH value: sbatch reads double quotes there (no shell does)."""
+    if re.search(r'["\n\r]', path):
+        raise ValueError(f"{label} {path!r} holds a double quote or a newline, which #SBATCH cannot take")
+    return f'"{path}"'
+
+
+def header(job: Job) -> list[str]:
+    c = job.cluster
+    lines = [
+        "#!/bin/bash",
+        "# " + " ".join(job.description.split()),
+        f"# Rendered by `bigscience slurm` (bigscience_train {__version__}) for cluster {c.name}.",
+        *sbatch_directives(
+            c,
+            job.name,
+            directive_path("log path", job.output),
+            tasks_per_node=job.tasks_per_node,
+            array=job.array,
+            signal=job.signal,
+        ),
+        f"#SBATCH --chdir={directive_path('working directory', job.workdir)}",
+        "",
+        "set -uo pipefail",
+    ]
+    if c.modules:
+        lines += ["", "module purge", *(f"module load {q(m)}" for m in c.modules)]
+    if c.setup:
+        lines += ["", "# Site setup (cluster.setup)", *map(str, c.setup)]
+    env = {**(OFFLINE_ENV if c.offline else {}), **{str(k): str(v) for k, v in c.env.items()}}
+    env["PYTHONUNBUFFERED"] = "1"
+    lines += [""]
+    if c.offline:
+        lines += ["# Compute nodes have no internet: no hub downloads; wandb runs are synced later."]
+    lines += [f"export {k}={q(v)}" for k, v in env.items()]
+    lines += ["", f"PYTHON={q(job.python)}", f"cd {q(job.workdir)}"]
+    return lines
+
+
+def master_address() -> list[str]:
+    """The first node of the allocation, by the address Slurm reaches it at (its NodeAddr)."""
+    return [
+        'MASTER_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "MASTER_ADDR=$(scontrol show node \"$MASTER_NODE\" | sed -n 's/^ *NodeAddr=\\([^ ]*\\).*/\\1/p')",
+        "export MASTER_ADDR=${MASTER_ADDR:-$MASTER_NODE}",
+        "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+    ]
+
+
+def launch_training(cluster, stop_signal: str) -> list[str]:
+    """srun of the trainer on every node, reading "$CONFIG"."""
+    if cluster.launcher.value == "srun":
+        return [
+            *master_address(),
+            "srun --kill-on-bad-exit=1 --label \\",
+            '  "$PYTHON" -m bigscience_train.cli train --config-file "$CONFIG"',
+        ]
+    handled = ",".join(dict.fromkeys([*_TORCHRUN_SIGNALS, stop_signal]))
+    return [
+        *master_address(),
+        "# Each rank's output lines start with [rankN].",
+        "export TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[rank${rank}]: '",
+        'srun --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run \\',
+        f'  --nnodes="$SLURM_NNODES" --nproc-per-node={cluster.procs_per_node} \\',
+        '  --rdzv-id="$SLURM_JOB_ID" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \\',
+        "  --max-restarts=0 --tee=3 \\",
+        f"  --signals-to-handle={handled} --shutdown-timeout={cluster.signal_seconds + SIGNAL_EARLY} \\",
+        '  -m bigscience_train.train --config-file "$CONFIG"',
+    ]
+
+
+def training_body(cluster, stop_signal: str, chain: bool) -> list[str]:
+    """With RUN_DIR, CONFIG and KILL_SWITCH set: train unless the kill switch is on, then let the chain
+    decide whether the next job runs."""
+    train = launch_training(cluster, stop_signal)
+    return [
+        'rm -f "$RUN_DIR/last_stop.json"',
+        'if [ -n "$KILL_SWITCH" ] && [ -e "$KILL_SWITCH" ]; then',
+        '  echo "kill switch $KILL_SWITCH is on: not training (remove it to continue the run)"',
+        "  rc=0",
+        "else",
+        *(f"  {line}" for line in train),
+        "  rc=$?",
+        "fi",
+        '"$PYTHON" -m bigscience_train.slurm.chain "$RUN_DIR" --exit-code "$rc" --kill-switch "$KILL_SWITCH"'
+        + (" --chain" if chain else ""),
+    ]
+
+
+def training_script(
+    job: Job, run_dirs: list[str], kill_switches: list[str | None], stop_signal: str, chain: bool
+) -> str:
+    """One run (optionally a chain) or, with several run directories, a sweep array of runs."""
+    lines = header(job) + [""]
+    switches = [k or "" for k in kill_switches]
+    if len(run_dirs) == 1:
+        lines += [f"RUN_DIR={q(run_dirs[0])}", f"KILL_SWITCH={q(switches[0])}"]
+    else:
+        lines += [
+            "# One run per array task.",
+            bash_array("RUN_DIRS", run_dirs),
+            bash_array("KILL_SWITCHES", switches),
+            "RUN_DIR=${RUN_DIRS[$SLURM_ARRAY_TASK_ID]}",
+            "KILL_SWITCH=${KILL_SWITCHES[$SLURM_ARRAY_TASK_ID]}",
+        ]
+    lines += ['CONFIG="$RUN_DIR/slurm/config.yaml"', ""]
+    return "\n".join(lines + training_body(job.cluster, stop_signal, chain)) + "\n"
+
+
+def command_script(job: Job, commands: list[list[str]]) -> str:
+    """Plain commands run one after the other on the first node (SHELL_VARS expand in the job)."""
+    return "\n".join([*header(job), "", *map(command_line, commands)]) + "\n"
+
+
+def write_script(path: Path, text: str) -> Path:
+    from bigscience_train.fsutil import atomic_write_text
+
+    atomic_write_text(path, text)
+    path.chmod(0o755)
+    return path
