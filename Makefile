@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= data,hf,dev
+EXTRAS ?= data,hf,dev,carbon,wandb
 # GPU machines take whatever torch the package's range resolves to; CPU machines pin the local CPU build so
 # no CUDA wheels are downloaded.
 CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints/cpu.txt)
@@ -32,6 +32,7 @@ $(DEMO_DATA)/stdlib_text_document.idx: $(DEMO_DATA)/stdlib.jsonl $(DEMO_DATA)/to
 demo: install $(DEMO_DATA)/stdlib_text_document.idx
 	rm -rf runs/demo
 	$(BIN)/torchrun --standalone --nproc_per_node $(DEMO_NPROC) -m bigscience_train.train experiment=demo
+	$(BIN)/bigscience report runs/demo
 
 test: install
 	$(BIN)/pytest -q tests

@@ -206,6 +206,15 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from bigscience_train.report.build import build_report
+
+    index, summary = build_report(Path(args.run))
+    print(summary)
+    print(f"report: {index}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigscience", description="Pretrain BLOOM-style GPT models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -278,6 +287,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--top", type=int, default=10, help="layouts shown by --search")
     plan.add_argument("overrides", nargs="*", help="Hydra overrides (model=, parallel.*, cluster=, ...)")
     plan.set_defaults(func=_plan)
+
+    report = sub.add_parser("report", help="plots, carbon totals and summary of a run: RUN/report/index.html")
+    report.add_argument("run", help="run directory (a finished run, one still going, or a chain)")
+    report.set_defaults(func=_report)
 
     slurm = sub.add_parser("slurm", help="render, submit and follow Slurm jobs")
     ssub = slurm.add_subparsers(dest="slurm_command", required=True)

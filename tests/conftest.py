@@ -40,6 +40,8 @@ def data_overrides(tiny_data: dict, run_dir: Path) -> list[str]:
         f"run_dir={run_dir}",
         "logging.tensorboard=false",
         "logging.progress=plain",
+        # codecarbon's hardware probe costs seconds per run: on only where a test looks at carbon.
+        "logging.carbon=false",
     ]
 
 

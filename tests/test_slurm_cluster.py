@@ -109,6 +109,7 @@ def test_two_nodes_train_to_completion_and_a_cut_chain_ends_identical(slurm_env,
             *TRAIN,
             *data_overrides(tiny_data, straight),
             f"name='x$(touch {pwn})'",
+            "logging.carbon=true",
             cwd=tmp_path,
         )
     )
@@ -119,6 +120,8 @@ def test_two_nodes_train_to_completion_and_a_cut_chain_ends_identical(slurm_env,
     assert "COMPLETED" in status and "node[1-2]" in status and "state: finished" in status
     assert json.loads((straight / "last_stop.json").read_text())["reason"] == "iters"
     assert not pwn.exists()
+    carbon = sorted(p.name for p in (straight / "carbon").glob("*.csv"))
+    assert carbon == [f"emissions-job{job}-node000.csv", f"emissions-job{job}-node001.csv"], carbon
 
     # The same run under a 1-minute limit with the stop signal 20 s before it: cut, checkpointed, resumed.
     chain = tmp_path / "runs" / "chain"

@@ -159,8 +159,16 @@ class CheckpointConfig:
 class LoggingConfig:
     log_interval: int = 10
     tensorboard: bool = True
+    # Weights & Biases: offline by default (compute nodes have no internet; `wandb sync RUN/wandb/offline-*`
+    # later), online when asked.
+    wandb: bool = False
+    wandb_mode: str = "offline"
+    wandb_project: str = "bigscience"
     # auto: a progress bar on a terminal, plain lines otherwise.
     progress: str = "auto"
+    # codecarbon's offline tracker on each node's local rank 0, CSVs in RUN/carbon/ (needs the [carbon] extra).
+    carbon: bool = True
+    carbon_interval_s: float = 15.0
 
 
 class Launcher(str, Enum):

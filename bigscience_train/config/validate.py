@@ -12,6 +12,7 @@ from bigscience_train.config.schema import PIPELINE_SCHEDULES, RunConfig
 from bigscience_train.train.stop import signal_number
 
 PROGRESS_MODES = ("auto", "bar", "plain")
+WANDB_MODES = ("offline", "online", "disabled")
 RESUME_MODES = ("auto", "never")
 
 
@@ -128,6 +129,14 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
         value = getattr(cfg.checkpoint, name)
         need(value is None or value >= 1, f"checkpoint.{name}={value} must be >= 1 (or null)")
     need(cfg.logging.log_interval >= 1, f"logging.log_interval={cfg.logging.log_interval} must be >= 1")
+    need(
+        cfg.logging.wandb_mode in WANDB_MODES,
+        f"logging.wandb_mode={cfg.logging.wandb_mode!r} is not one of {', '.join(WANDB_MODES)}",
+    )
+    need(
+        cfg.logging.carbon_interval_s > 0,
+        f"logging.carbon_interval_s={cfg.logging.carbon_interval_s} must be positive",
+    )
     need(
         cfg.logging.progress in PROGRESS_MODES,
         f"logging.progress={cfg.logging.progress!r} is not one of {', '.join(PROGRESS_MODES)}",

@@ -21,6 +21,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from bigscience_train import __version__
+from bigscience_train.carbon.aggregate import carbon_totals
+from bigscience_train.carbon.tracker import NodeTracker
 from bigscience_train.checkpoint import CheckpointManager, TrainState
 from bigscience_train.checkpoint.dcp import step_dir_name
 from bigscience_train.config import to_yaml
@@ -143,6 +145,7 @@ class Trainer:
         self.peak = peak_flops(cfg.cluster.device, self.dtype)
         self.stop_requests = StopRequests(tr.stop_signal, tr.kill_switch)
         self.writer = None
+        self.carbon: NodeTracker | None = None
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def _micro_batches(self, dataset, consumed: int, global_batch: int):
@@ -289,7 +292,19 @@ class Trainer:
         }
         if self.scaler is not None:
             self.state.loss_scaler = self.scaler.state_dict()
-        return self.checkpoints.save(self.model, self.optimizer, self.state, to_yaml(self.cfg), meta)
+        if self.carbon is not None:
+            self.carbon.flush()
+        # The save ends with a barrier: every node's carbon CSV is flushed when rank 0 sums them below.
+        path = self.checkpoints.save(self.model, self.optimizer, self.state, to_yaml(self.cfg), meta)
+        if self.writer is not None:
+            totals = carbon_totals(self.run_dir, None, None, None)
+            if totals.runs:
+                self.writer.log(
+                    self._record(
+                        "carbon", {"energy_kwh": totals.energy_kwh, "emissions_kg": totals.emissions_kg}
+                    )
+                )
+        return path
 
     def _resume(self) -> None:
         if self.cfg.train.resume == "never":
@@ -315,7 +330,7 @@ class Trainer:
         total_steps = tr.iters if tr.iters is not None else 0
         if self.penv.is_rank0:
             self.writer = MetricsWriter(
-                self.run_dir, total_steps, cfg.logging.tensorboard, cfg.logging.progress
+                self.run_dir, total_steps, cfg.logging, cfg.name, OmegaConf.to_container(cfg, resolve=True)
             )
             print(
                 f"model {cfg.model.name}: {self.num_parameters:,} parameters; world {self.penv.world_size} "
@@ -325,6 +340,9 @@ class Trainer:
         saved: Path | None = None
         window: list[dict] = []
         nonfinite_run = 0
+        if cfg.logging.carbon and self.penv.local_rank == 0:
+            gpus = list(range(torch.cuda.device_count())) if self.penv.device.type == "cuda" else []
+            self.carbon = NodeTracker(self.run_dir, cfg.cluster, cfg.logging.carbon_interval_s, gpus)
         try:
             if self.state.step == 0:
                 first_val = last_val = self._log_eval()
@@ -370,6 +388,8 @@ class Trainer:
             # No rank leaves before the record exists: a launcher may kill the job when the first rank exits.
             self.penv.barrier()
         finally:
+            if self.carbon is not None:
+                self.carbon.stop()
             if self.writer is not None:
                 self.writer.close()
         return TrainResult(self.state, reason, first_val, last_val, saved)

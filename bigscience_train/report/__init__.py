@@ -1,0 +1,1 @@
+"""The run report: plots, carbon totals and evaluation table of a run directory."""
