@@ -215,6 +215,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ckpt_import_hf(args: argparse.Namespace) -> int:
+    from bigscience_train.checkpoint.hf_import import import_hf
+
+    out = import_hf(args.dir, args.out, args.seq_length)
+    print(
+        f"wrote run directory {out} (weights at step 0); continue training with "
+        f"`bigscience train train.load={out} train.finetune=true ...`"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigscience", description="Pretrain BLOOM-style GPT models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,6 +292,15 @@ def _parser() -> argparse.ArgumentParser:
     cex.add_argument("out", help="output directory (must not exist)")
     cex.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors file")
     cex.set_defaults(func=_ckpt_export_hf)
+    cim = csub.add_parser(
+        "import-hf", help="a Hugging Face BLOOM directory to a checkpoint of ours (weights)"
+    )
+    cim.add_argument("dir", help="directory with config.json, *.safetensors and tokenizer.json")
+    cim.add_argument("out", help="run directory to create (must not exist)")
+    cim.add_argument(
+        "--seq-length", type=int, default=2048, help="model.seq_length (ALiBi has no fixed length)"
+    )
+    cim.set_defaults(func=_ckpt_import_hf)
 
     plan = sub.add_parser("plan", help="memory and throughput estimate of a config on its cluster")
     plan.add_argument("--search", action="store_true", help="rank the layouts that fit, fastest first")

@@ -71,3 +71,74 @@ def test_export_refuses_non_bloom_positions(tiny_data, tmp_path):
     with pytest.raises(ValueError, match=r"no Hugging Face BLOOM equivalent: model.position=learned"):
         export_hf(run, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_import_hf_round_trips_and_fine_tunes_at_another_layout(trained, tiny_data, tmp_path):
+    from transformers import BloomForCausalLM
+
+    from bigscience_train.checkpoint.hf_import import import_hf
+    from tests.conftest import data_overrides, read_metrics
+    from tests.test_train import FAST
+
+    exported = export_hf(trained, tmp_path / "hf")
+    # A released model is often stored in bf16 under BloomModel's names: import both dtype and naming.
+    BloomForCausalLM.from_pretrained(exported).transformer.to(torch.bfloat16).save_pretrained(
+        tmp_path / "hf16"
+    )
+    (tmp_path / "hf16" / "config.json").write_text((exported / "config.json").read_text())
+    imported = import_hf(exported, tmp_path / "imported", seq_length=64)
+    ours = dict(iter_model_tensors(resolve_checkpoint(trained)))
+    back = dict(iter_model_tensors(resolve_checkpoint(imported)))
+    assert ours.keys() == back.keys() and all(torch.equal(ours[k], back[k]) for k in ours)
+    half = dict(iter_model_tensors(resolve_checkpoint(import_hf(tmp_path / "hf16", tmp_path / "imp16", 64))))
+    assert half["transformer.h.0.mlp.dense_4h_to_h.weight"].dtype == torch.bfloat16
+    assert torch.allclose(half["lm_head.weight"].float(), ours["lm_head.weight"], atol=1e-2)
+
+    # Fine-tune the import at tp=2: the first validation loss is the trained run's last one.
+    run = tmp_path / "ft"
+    done = run_cli(
+        [
+            "train",
+            *FAST,
+            *data_overrides(tiny_data, run),
+            "train.iters=2",
+            "parallel.tp=2",
+            f"train.load={imported}",
+            "train.finetune=true",
+        ],
+        nproc=2,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "fine-tuning from the weights of" in done.stdout
+    first = read_metrics(run, "valid")[0]
+    assert first["step"] == 0
+    assert first["val_loss"] == pytest.approx(read_metrics(trained, "valid")[-1]["val_loss"], abs=1e-5)
+    whole = run_cli(
+        [
+            "train",
+            *FAST,
+            *data_overrides(tiny_data, tmp_path / "x"),
+            "train.iters=2",
+            f"train.load={imported}",
+        ]
+    )
+    assert whole.returncode == 2 and "holds weights only" in whole.stderr
+
+
+def test_a_damaged_shard_is_named(trained, tmp_path):
+    import shutil
+
+    from bigscience_train.checkpoint.integrity import CheckpointIntegrityError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(resolve_checkpoint(trained), copy)
+    shard = next(copy.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointIntegrityError, match=rf"{shard.name}: checksum"):
+        export_hf(copy, tmp_path / "hf")
+    shard.write_bytes(bytes(data[:-10]))
+    with pytest.raises(CheckpointIntegrityError, match=rf"{shard.name}: .* bytes, meta.json records"):
+        export_hf(copy, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

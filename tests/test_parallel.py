@@ -1,5 +1,6 @@
 """Parallel layouts reproduce the single-process run (fp32, gloo, CPU)."""
 
+import shutil
 import subprocess
 import sys
 
@@ -92,4 +93,49 @@ def test_checkpoint_saved_with_tp2_resumes_at_tp1(tiny_data, tmp_path, single):
     second = run_cli(["train", *COMMON, *data_overrides(tiny_data, run)])
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout
+    assert_same_run(run, single)
+
+
+def test_resume_with_two_data_parallel_ranks_is_bit_exact(tiny_data, tmp_path):
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    common = [*COMMON, "train.iters=8"]
+    assert run_cli(["train", *common, *data_overrides(tiny_data, straight)], nproc=2).returncode == 0
+    first = run_cli(["train", *common, "train.exit_interval=4", *data_overrides(tiny_data, cut)], nproc=2)
+    assert first.returncode == 0 and "stopped: exit_interval at step 4" in first.stdout, first.stderr
+    second = run_cli(["train", *common, *data_overrides(tiny_data, cut)], nproc=2)
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr
+    assert [r["loss"] for r in read_metrics(cut)] == [r["loss"] for r in read_metrics(straight)]
+    ours, theirs = weights(cut), weights(straight)
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+@pytest.fixture(scope="module")
+def saved_at_tp2_dp2(tiny_data, tmp_path_factory):
+    """A run cut after 3 steps at (tp, pp, dp) = (2, 1, 2)."""
+    run = tmp_path_factory.mktemp("tp2dp2") / "run"
+    out = run_cli(
+        ["train", *COMMON, "parallel.tp=2", "train.exit_interval=3", *data_overrides(tiny_data, run)], nproc=4
+    )
+    assert out.returncode == 0, out.stderr
+    return run
+
+
+@pytest.mark.parametrize(
+    "resume_at, nproc",
+    [
+        (["parallel.tp=1"], 1),
+        (["parallel.tp=1", "train.micro_batch_size=1"], 4),
+        (["parallel.tp=2"], 2),
+        (["parallel.tp=2", "parallel.dp_shard=zero3"], 4),
+    ],
+    ids=["(1,1,1)", "(1,1,4)", "(2,1,1)", "(2,1,2)-zero3"],
+)
+def test_checkpoint_saved_at_tp2_dp2_resumes_at_other_layouts(
+    tiny_data, tmp_path, single, saved_at_tp2_dp2, resume_at, nproc
+):
+    run = tmp_path / "run"
+    shutil.copytree(saved_at_tp2_dp2, run)
+    out = run_cli(["train", *COMMON, *resume_at, *data_overrides(tiny_data, run)], nproc=nproc)
+    assert out.returncode == 0, out.stderr
+    assert "resumed from" in out.stdout
     assert_same_run(run, single)

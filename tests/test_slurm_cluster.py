@@ -135,11 +135,11 @@ def test_two_nodes_train_to_completion_and_a_cut_chain_ends_identical(slurm_env,
             "name=chain",
             "cluster.time=1",
             "cluster.signal_seconds=20",
-            "cluster.chain_jobs=10",
+            "cluster.chain_jobs=15",
             cwd=tmp_path,
         )
     )
-    status = wait_until_idle(slurm_env, chain, tmp_path, timeout=900)
+    status = wait_until_idle(slurm_env, chain, tmp_path, timeout=1200)
     out = logs(chain)
     cuts = re.findall(r"\[chain\] stopped at step (\d+) \(signal\)", out)
     assert len(cuts) >= 2, out

@@ -237,3 +237,19 @@ def test_kill_switch_stops_cleanly_and_keeps_stopping(tiny_data, tmp_path):
     assert result.stop_reason == "kill_switch" and result.checkpoint.name == step_dir_name(result.state.step)
     again = train(tiny_data, run, "train.iters=1000", f"train.kill_switch={switch}")
     assert again.stop_reason == "kill_switch" and again.state.step == result.state.step
+
+
+def test_async_save_trains_identically_and_commits_every_checkpoint(tiny_data, tmp_path):
+    sync = train(tiny_data, tmp_path / "sync", "train.iters=6", "checkpoint.interval=2")
+    run = tmp_path / "async"
+    result = train(tiny_data, run, "train.iters=6", "checkpoint.interval=2", "checkpoint.async_save=true")
+    assert losses(run) == losses(tmp_path / "sync")
+    assert result.checkpoint == run / "checkpoints" / step_dir_name(6)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "latest",
+        *(step_dir_name(s) for s in (2, 4, 6)),
+    ]
+    meta = json.loads((result.checkpoint / "meta.json").read_text())
+    assert meta["async"] is True and meta["checksums"]
+    resumed = train(tiny_data, run, "train.iters=8", "checkpoint.interval=2", "checkpoint.async_save=true")
+    assert resumed.state.step == 8 and sync.state.step == 6

@@ -18,8 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
+from bigscience_train.checkpoint.integrity import CheckpointIntegrityError, checksums, problems, share
 from bigscience_train.fsutil import atomic_write_text
 
 LATEST = "latest"
@@ -95,11 +101,32 @@ def steps_to_delete(steps: list[int], keep_last: int | None, keep_every: int | N
     return [s for s in steps if s not in keep]
 
 
+@dataclass
+class _PendingSave:
+    """A save whose shards are still being written (async), committed by `finish()`."""
+
+    future: object | None
+    tmp: Path
+    final: Path
+    meta: dict
+    start: float
+
+
 class CheckpointManager:
-    def __init__(self, root: Path, penv, keep_last: int | None = None, keep_every: int | None = None):
+    def __init__(
+        self,
+        root: Path,
+        penv,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        async_save: bool = False,
+    ):
         self.root = Path(root)
         self.penv = penv
         self.keep_last, self.keep_every = keep_last, keep_every
+        self.async_save = async_save
+        self._pending: _PendingSave | None = None
+        self._async_group = None
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.root)
@@ -114,6 +141,10 @@ class CheckpointManager:
         return stale
 
     def save(self, model, optimizer, state: TrainState, config_yaml: str, metadata: dict) -> Path:
+        """Writes RUN/checkpoints/step_N/. Synchronous: committed on return. Async: returns once the state is
+        copied aside (training may change it then); the shards are written in the background and the step is
+        committed by the next save or by finish()."""
+        self.finish()
         name = step_dir_name(state.step)
         final, tmp = self.root / name, self.root / f"{TMP_PREFIX}{name}"
         start = time.perf_counter()
@@ -122,30 +153,77 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         self.penv.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        future = None
+        if self.async_save:
+            future = dcp.async_save(
+                {"model": model_sd, "optim": optim_sd},
+                checkpoint_id=str(tmp),
+                process_group=self._cpu_group(),
+            )
+        else:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         torch.save({"rng": rng_state()}, tmp / f"rank_{self.penv.rank:05d}.pt")
-        self.penv.barrier()
         if self.penv.is_rank0:
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=2))
-            shards = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        self._pending = _PendingSave(future, tmp, final, {**metadata, **asdict(state)}, start)
+        if not self.async_save:
+            self.finish()
+        return final
+
+    def _cpu_group(self):
+        """Background writes coordinate over gloo, apart from the training collectives (NCCL on GPUs)."""
+        if self.penv.world_size == 1:
+            return None
+        if self._async_group is None:
+            import torch.distributed as dist
+
+            self._async_group = dist.new_group(backend="gloo")
+        return self._async_group
+
+    def finish(self) -> Path | None:
+        """Waits for a save still being written and commits it: checksums, meta.json, rename, `latest`,
+        retention. Every rank calls it at the same point."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending.future is not None:
+            pending.future.result()
+        tmp = pending.tmp
+        self.penv.barrier()
+        names = [p.name for p in tmp.iterdir() if p.is_file()]
+        mine = checksums(tmp, share(names, self.penv.rank, self.penv.world_size))
+        hashed = {k: v for part in self.penv.all_gather_object(mine) for k, v in part.items()}
+        if self.penv.is_rank0:
             meta = {
-                **metadata,
-                **asdict(state),
-                "shards": shards,
-                "save_seconds": time.perf_counter() - start,
+                **pending.meta,
+                "shards": {name: (tmp / name).stat().st_size for name in sorted(names)},
+                "checksums": dict(sorted(hashed.items())),
+                "save_seconds": time.perf_counter() - pending.start,
+                "async": pending.future is not None,
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            atomic_write_text(self.root / LATEST, name + "\n")
+            if pending.final.exists():
+                shutil.rmtree(pending.final)
+            tmp.rename(pending.final)
+            atomic_write_text(self.root / LATEST, pending.final.name + "\n")
             for step in steps_to_delete(committed_steps(self.root), self.keep_last, self.keep_every):
                 shutil.rmtree(self.root / step_dir_name(step))
         self.penv.barrier()
-        return final
+        return pending.final
+
+    def verify(self, path: Path) -> None:
+        """Sizes of every file and this rank's share of the checksums; every rank raises the same error."""
+        found = problems(path, self.penv.rank, self.penv.world_size)
+        every = sorted({p for part in self.penv.all_gather_object(found) for p in part})
+        if every:
+            raise CheckpointIntegrityError(path, every)
 
     def load(self, path: Path, model, optimizer) -> TrainState:
+        """Everything: weights, optimizer, RNG and train state, resharded to this process's layout."""
+        self.verify(path)
+        if json.loads((path / "meta.json").read_text()).get("weights_only"):
+            raise ValueError(f"{path} holds weights only (an import): load it with train.finetune=true")
         model_sd, optim_sd = get_state_dict(model, optimizer)
         to_load = {"model": model_sd, "optim": optim_sd}
         dcp.load(to_load, checkpoint_id=str(path))
@@ -154,3 +232,11 @@ class CheckpointManager:
         if rank_file.is_file():
             set_rng_state(torch.load(rank_file, weights_only=True)["rng"])
         return TrainState(**json.loads((path / "train_state.json").read_text()))
+
+    def load_weights(self, path: Path, model) -> None:
+        """The model's weights alone (fine-tuning, evaluation), resharded to the model's layout."""
+        self.verify(path)
+        model_sd = get_model_state_dict(model)
+        to_load = {"model": model_sd}
+        dcp.load(to_load, checkpoint_id=str(path))
+        set_model_state_dict(model, to_load["model"])

@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from bigscience_train.checkpoint.integrity import CheckpointIntegrityError, problems
 from bigscience_train.checkpoint.reader import iter_model_tensors, model_tensors_metadata, resolve_checkpoint
 from bigscience_train.data.tokenizer import Tokenizer
 from bigscience_train.fsutil import temporary_sibling
@@ -76,6 +77,9 @@ def export_hf(path: str | Path, out: str | Path, max_shard_bytes: int = 2 * 1024
     step_dir, out = resolve_checkpoint(path), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new output directory")
+    damaged = problems(step_dir)
+    if damaged:
+        raise CheckpointIntegrityError(step_dir, damaged)
     cfg = OmegaConf.create((step_dir / "config.yaml").read_text())
     tensors = model_tensors_metadata(step_dir)
     tokenizer_path = Path(cfg.data.tokenizer)

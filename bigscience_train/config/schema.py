@@ -136,6 +136,11 @@ class TrainConfig:
     seed: int = 1234
     # auto: continue from RUN/checkpoints/latest when there is one; never: always start fresh.
     resume: str = "auto"
+    # A run with no checkpoint of its own starts from this one (a run directory, checkpoints/ or step
+    # directory of any layout, or a `ckpt import-hf` output)...
+    load: str | None = None
+    # ...its weights only, with a fresh optimizer at step 0 (fine-tuning), rather than its whole state.
+    finetune: bool = False
     # Stop with an error after this many consecutive non-finite losses (each such step is skipped).
     max_consecutive_nonfinite: int = 5
     # The signal that asks for a checkpoint and a clean exit at the next step boundary (Slurm sends it
@@ -153,6 +158,9 @@ class CheckpointConfig:
     # every step divisible by keep_every (milestones) stay.
     keep_last: int | None = None
     keep_every: int | None = None
+    # Write shards in the background while training continues (`async` is a Python keyword); the step that
+    # starts the next save, or the end of the run, waits for it and commits it.
+    async_save: bool = False
 
 
 @dataclass

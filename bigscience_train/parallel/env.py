@@ -66,6 +66,14 @@ class ParallelEnv:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
+    def all_gather_object(self, obj) -> list:
+        """Small Python objects from every rank (file lists, error messages), in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def dp_all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.dp > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group())

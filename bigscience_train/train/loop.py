@@ -25,6 +25,7 @@ from bigscience_train.carbon.aggregate import carbon_totals
 from bigscience_train.carbon.tracker import NodeTracker
 from bigscience_train.checkpoint import CheckpointManager, TrainState
 from bigscience_train.checkpoint.dcp import step_dir_name
+from bigscience_train.checkpoint.reader import resolve_checkpoint
 from bigscience_train.config import to_yaml
 from bigscience_train.data.gpt_data import build_splits
 from bigscience_train.data.sampling import collate, micro_batch_indices
@@ -140,7 +141,11 @@ class Trainer:
 
         self.state = TrainState()
         self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints", penv, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
+            self.run_dir / "checkpoints",
+            penv,
+            cfg.checkpoint.keep_last,
+            cfg.checkpoint.keep_every,
+            cfg.checkpoint.async_save,
         )
         self.peak = peak_flops(cfg.cluster.device, self.dtype)
         self.stop_requests = StopRequests(tr.stop_signal, tr.kill_switch)
@@ -313,6 +318,14 @@ class Trainer:
         if stale and self.penv.is_rank0:
             print(f"ignored incomplete checkpoints (interrupted saves): {', '.join(p.name for p in stale)}")
         path = self.checkpoints.latest()
+        if path is None and self.cfg.train.load:
+            source = resolve_checkpoint(self.cfg.train.load)
+            if self.cfg.train.finetune:
+                self.checkpoints.load_weights(source, self.model)
+                if self.penv.is_rank0:
+                    print(f"fine-tuning from the weights of {source}")
+                return
+            path = source
         if path is None:
             return
         self.state = self.checkpoints.load(path, self.model, self.optimizer)
@@ -371,11 +384,13 @@ class Trainer:
             # An interrupted run saves first: its time is short, and its next job validates soon enough.
             if self.state.step % tr.eval_interval and reason in FINISHED_STOPS:
                 last_val = self._log_eval() or last_val
+            self.checkpoints.finish()
             latest = self.checkpoints.latest()
             # An interrupted run always saves: the next job continues from exactly here.
             must_save = cfg.checkpoint.save_final or reason not in FINISHED_STOPS
             if must_save and (latest is None or latest.name != step_dir_name(self.state.step)):
                 saved = self._save()
+                self.checkpoints.finish()
             saved = saved or latest
             if self.penv.is_rank0:
                 write_last_stop(

@@ -1,0 +1,130 @@
+"""Checkpoint save and load bandwidth against the disk's own, measured in the same run; async save's blocking.
+
+State: a GPT of ~91M parameters: fp32 weights and AdamW's two moments, 12 bytes per parameter, about 1.1 GB. Peers: a plain
+file of the same size written in 16 MB chunks then fsynced (like `dd conv=fsync`), and read back, both through
+the same filesystem. Page-cache pages of every file are dropped (posix_fadvise DONTNEED) before each read, for
+ours and for the peer alike. Ours: CheckpointManager.save (DCP shards, checksums, atomic commit) and .load
+(size and checksum verification, DCP load into the model and optimizer).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import write_result
+from bigscience_train.checkpoint.dcp import CheckpointManager, TrainState
+from bigscience_train.model import build_on_meta, materialize
+from bigscience_train.model.gpt import GPTShape
+from bigscience_train.parallel.env import init_parallel
+from bigscience_train.train.loop import build_optimizer
+
+CHUNK = 16 * 1024 * 1024
+
+
+class _Optim:
+    lr, weight_decay, beta1, beta2, eps = 1e-4, 0.1, 0.9, 0.95, 1e-8
+
+
+def drop_cache(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def disk_write(path: Path, size: int) -> float:
+    block = os.urandom(CHUNK)
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(size // CHUNK):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    return size / (time.perf_counter() - start)
+
+
+def disk_read(path: Path) -> float:
+    drop_cache(path.parent)
+    start = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.read(CHUNK):
+            pass
+    return path.stat().st_size / (time.perf_counter() - start)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    penv = init_parallel(1, 1, None)
+    shape = GPTShape(num_layers=12, hidden_size=768, num_heads=12, seq_length=512, vocab_size=8192)
+    model = materialize(build_on_meta(shape), "cpu")
+    optimizer = build_optimizer(model, _Optim, torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer.step()
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+    root = Path(tempfile.mkdtemp(prefix="ckpt_bench_", dir=os.environ.get("BENCH_DIR", "/var/tmp")))
+    try:
+        manager = CheckpointManager(root / "checkpoints", penv)
+        start = time.perf_counter()
+        path = manager.save(model, optimizer, TrainState(step=1), "", {})
+        save_s = time.perf_counter() - start
+        size = directory_bytes(path)
+        peer = root / "peer.bin"
+        write_bw = disk_write(peer, (size // CHUNK + 1) * CHUNK)
+        read_bw = disk_read(peer)
+
+        drop_cache(path)
+        start = time.perf_counter()
+        manager.load(path, model, optimizer)
+        load_s = time.perf_counter() - start
+
+        async_manager = CheckpointManager(root / "async", penv, async_save=True)
+        start = time.perf_counter()
+        async_manager.save(model, optimizer, TrainState(step=2), "", {})
+        blocked_s = time.perf_counter() - start
+        async_manager.finish()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    save_bw, load_bw = size / save_s, size / load_s
+    figures = {
+        "parameters": params,
+        "checkpoint_bytes": size,
+        "disk_write_MBps": write_bw / 1e6,
+        "disk_read_MBps": read_bw / 1e6,
+        "save_MBps": save_bw / 1e6,
+        "load_MBps": load_bw / 1e6,
+        "sync_save_s": save_s,
+        "async_blocking_s": blocked_s,
+    }
+    for key, value in figures.items():
+        print(f"{key:>20}: {value:,.3f}" if isinstance(value, float) else f"{key:>20}: {value:,}")
+    write_result(
+        "checkpoint_io",
+        {
+            "figures": figures,
+            "ratios": {
+                "save / disk write": {"value": save_bw / write_bw, "target": 0.70},
+                "load / disk read": {"value": load_bw / read_bw, "target": 0.70},
+                "sync save / async blocking": {"value": save_s / blocked_s, "target": 10.0},
+            },
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
