@@ -105,6 +105,11 @@ def test_plan_command_prints_the_breakdown(capsys):
         assert text in out
     assert main(["plan", "--search", "--top", "3", *TR1_13B, "parallel.dp_shard=zero2"]) == 0
     assert "fastest layouts that fit" in capsys.readouterr().out
+    # No end of training set: rates, not durations.
+    assert main(["plan", "train.iters=null"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/day" in out and "days" not in out.replace("tokens/day", "")
+    assert main(["plan", "parallel.tp=3"]) == 2
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,8 @@ TRAIN = [
     "parallel.tp=2",
     "train.micro_batch_size=2",
     "train.global_batch_size=8",
-    "train.iters=60",
+    # ~2.5 minutes of training: more than two jobs' worth under the chain test's 2-minute limit.
+    "train.iters=320",
     "train.eval_interval=1000",
     "train.eval_iters=2",
     "optim.lr=3e-3",
@@ -123,7 +124,8 @@ def test_two_nodes_train_to_completion_and_a_cut_chain_ends_identical(slurm_env,
     carbon = sorted(p.name for p in (straight / "carbon").glob("*.csv"))
     assert carbon == [f"emissions-job{job}-node000.csv", f"emissions-job{job}-node001.csv"], carbon
 
-    # The same run under a 1-minute limit with the stop signal 20 s before it: cut, checkpointed, resumed.
+    # The same run under a 2-minute limit with the stop signal 30 s before it (Slurm may send it up to a minute
+    # earlier still): each job trains at most ~70 s, so the chain cuts the run at least twice.
     chain = tmp_path / "runs" / "chain"
     submitted_job(
         bigscience(
@@ -133,17 +135,17 @@ def test_two_nodes_train_to_completion_and_a_cut_chain_ends_identical(slurm_env,
             *TRAIN,
             *data_overrides(tiny_data, chain),
             "name=chain",
-            "cluster.time=1",
-            "cluster.signal_seconds=20",
-            "cluster.chain_jobs=15",
+            "cluster.time=2",
+            "cluster.signal_seconds=30",
+            "cluster.chain_jobs=12",
             cwd=tmp_path,
         )
     )
-    status = wait_until_idle(slurm_env, chain, tmp_path, timeout=1200)
+    status = wait_until_idle(slurm_env, chain, tmp_path, timeout=1500)
     out = logs(chain)
     cuts = re.findall(r"\[chain\] stopped at step (\d+) \(signal\)", out)
     assert len(cuts) >= 2, out
-    assert "training finished at step 60" in out and "cancelled the pending jobs" in out, out
+    assert "training finished at step 320" in out and "cancelled the pending jobs" in out, out
     assert "state: finished" in status and "CANCELLED" in status, status
     a, b = final_weights(straight), final_weights(chain)
     assert a.keys() == b.keys()

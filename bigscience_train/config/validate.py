@@ -13,6 +13,7 @@ from bigscience_train.train.stop import signal_number
 
 PROGRESS_MODES = ("auto", "bar", "plain")
 WANDB_MODES = ("offline", "online", "disabled")
+NO_END = "set train.iters or train.tokens (the run has no end)"
 RESUME_MODES = ("auto", "never")
 
 
@@ -111,9 +112,7 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
             f"train.global_batch_size={gbs} is not divisible by train.micro_batch_size={mbs} x dp={dp}",
         )
         problems += rampup_problems(list(tr.rampup_batch_size), gbs, mbs * dp)
-    need(
-        tr.iters is not None or tr.tokens is not None, "set train.iters or train.tokens (the run has no end)"
-    )
+    need(tr.iters is not None or tr.tokens is not None, NO_END)
     for name in ("iters", "tokens", "exit_duration_minutes", "exit_interval"):
         value = getattr(tr, name)
         need(value is None or value > 0, f"train.{name}={value} must be positive")

@@ -49,8 +49,8 @@ def format_plan(cfg, plan: Plan) -> str:
         f"  data parallel comm    {t.data_parallel:10.3f} s",
         f"  => {t.iteration:.3f} s per iteration; {t.model_flops:.3e} model FLOPs "
         f"({t.hardware_flops:.3e} with recompute)",
-        f"  => {plan.tflops_per_device():.1f} TFLOP/s per device "
-        f"({plan.tflops_per_device(hardware=True):.1f} counting recompute)",
+        f"  => {plan.tflops_per_device():.4g} TFLOP/s per device "
+        f"({plan.tflops_per_device(hardware=True):.4g} counting recompute)",
         f"throughput: {plan.tokens_per_day / 1e9:.3f} B tokens/day",
     ]
     if plan.days is not None:

@@ -278,7 +278,9 @@ class Trainer:
         # Signals and files reach ranks at different moments: the job acts on them when any rank saw one.
         elapsed = (time.monotonic() - self.start_time) / 60.0
         over_time = tr.exit_duration_minutes is not None and elapsed >= tr.exit_duration_minutes
-        local = (self.stop_requests.kill_switch_on(), self.stop_requests.signalled(), over_time)
+        # Rank 0 alone looks for the kill switch: one stat per step on a shared filesystem, not one per rank.
+        kill = self.penv.is_rank0 and self.stop_requests.kill_switch_on()
+        local = (kill, self.stop_requests.signalled(), over_time)
         for reason, seen in zip(
             EXTERNAL_STOPS, self.penv.all_reduce_max([float(f) for f in local]), strict=True
         ):
@@ -299,7 +301,7 @@ class Trainer:
             self.state.loss_scaler = self.scaler.state_dict()
         if self.carbon is not None:
             self.carbon.flush()
-        # The save ends with a barrier: every node's carbon CSV is flushed when rank 0 sums them below.
+        # save() starts with a barrier: every node's carbon CSV is flushed when rank 0 sums them below.
         path = self.checkpoints.save(self.model, self.optimizer, self.state, to_yaml(self.cfg), meta)
         if self.writer is not None:
             totals = carbon_totals(self.run_dir, None, None, None)
