@@ -190,7 +190,7 @@ def _slurm_preprocess(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from bigscience_train.config import config_problems, load_config
+    from bigscience_train.config import cluster_world_size, config_problems, load_config
     from bigscience_train.config.validate import NO_END
     from bigscience_train.plan.estimate import layout_of, make_plan, search
     from bigscience_train.plan.report import format_plan, format_search
@@ -199,9 +199,8 @@ def _plan(args: argparse.Namespace) -> int:
     if args.search:
         print(format_search(cfg, search(cfg, args.top)))
         return 0
-    c = cfg.cluster
     # A plan needs no end of training: without one it gives rates, not durations.
-    problems = [p for p in config_problems(cfg, c.nodes * c.procs_per_node) if p != NO_END]
+    problems = [p for p in config_problems(cfg, cluster_world_size(cfg.cluster)) if p != NO_END]
     if problems:
         raise ConfigError(problems)
     print(format_plan(cfg, make_plan(cfg, layout_of(cfg))))

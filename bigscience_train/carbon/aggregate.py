@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from bigscience_train.carbon.tracker import CARBON_DIR
+from bigscience_train.checkpoint.paths import latest_checkpoint
 
 
 @dataclass
@@ -83,13 +85,11 @@ def read_tracker_runs(carbon_dir: Path) -> list[TrackerRun]:
 
 
 def _world_size(run_dir: Path) -> int | None:
-    latest = run_dir / "checkpoints" / "latest"
-    if latest.is_file():
-        meta = run_dir / "checkpoints" / latest.read_text().strip() / "meta.json"
-        if meta.is_file():
-            layout = json.loads(meta.read_text()).get("layout", {})
-            return layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
-    return None
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        return None
+    layout = json.loads((latest / "meta.json").read_text()).get("layout", {})
+    return layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
 
 
 def carbon_totals(
@@ -109,9 +109,7 @@ def carbon_totals(
         intensity = kg / energy * 1000  # what codecarbon used for the country
     totals = CarbonTotals(runs, energy, kg, measured, methods, pue, intensity)
     world = _world_size(run_dir)
-    nodes_per_job: dict[str, int] = {}
-    for r in runs:
-        nodes_per_job[_job_of(r.file)] = len({x.file for x in runs if _job_of(x.file) == _job_of(r.file)})
+    nodes_per_job = Counter(_job_of(file) for file in {r.file for r in runs})  # one CSV per node and job
     if tdp_watts is None:
         totals.estimate_note = "no TDP known for this device (set cluster.tdp_watts)"
     elif world is None:

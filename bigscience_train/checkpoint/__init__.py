@@ -1,5 +1,2 @@
-"""Sharded checkpoints with torch.distributed.checkpoint, committed atomically."""
-
-from bigscience_train.checkpoint.dcp import CheckpointManager, TrainState
-
-__all__ = ["CheckpointManager", "TrainState"]
+"""Sharded checkpoints with torch.distributed.checkpoint, committed atomically (dcp.py); where they are
+(paths.py, no torch); integrity, inspection, Hugging Face export and import."""

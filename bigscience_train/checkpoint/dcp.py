@@ -25,10 +25,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from bigscience_train.checkpoint.integrity import CheckpointIntegrityError, checksums, problems, share
+from bigscience_train.checkpoint.integrity import (
+    CheckpointIntegrityError,
+    checksums,
+    file_record,
+    problems,
+    share,
+)
+from bigscience_train.checkpoint.paths import LATEST, committed_steps, latest_checkpoint, step_dir_name
 from bigscience_train.fsutil import atomic_write_text
 
-LATEST = "latest"
 TMP_PREFIX = ".tmp_"
 
 
@@ -41,10 +47,6 @@ class TrainState:
     consumed_tokens: int = 0
     skipped_steps: int = 0
     loss_scaler: dict = field(default_factory=dict)
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
 
 
 def rng_state() -> dict:
@@ -73,25 +75,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The step directory root/latest names; None when there is no pointer yet."""
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
-    return path
-
-
-def committed_steps(root: Path) -> list[int]:
-    if not root.is_dir():
-        return []
-    return sorted(
-        int(p.name[5:]) for p in root.glob("step_*") if p.name[5:].isdigit() and (p / "meta.json").is_file()
-    )
 
 
 def steps_to_delete(steps: list[int], keep_last: int | None, keep_every: int | None) -> list[int]:
@@ -197,8 +180,7 @@ class CheckpointManager:
         if self.penv.is_rank0:
             meta = {
                 **pending.meta,
-                "shards": {name: (tmp / name).stat().st_size for name in sorted(names)},
-                "checksums": dict(sorted(hashed.items())),
+                **file_record(tmp, names, hashed),
                 "save_seconds": time.perf_counter() - pending.start,
                 "async": pending.future is not None,
             }

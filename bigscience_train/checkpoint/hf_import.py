@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -25,9 +24,11 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from bigscience_train import __version__
-from bigscience_train.checkpoint.dcp import LATEST, TrainState, step_dir_name
+from bigscience_train.checkpoint.dcp import TrainState
 from bigscience_train.checkpoint.hf_export import TIED_OUTPUT
-from bigscience_train.checkpoint.integrity import checksums
+from bigscience_train.checkpoint.integrity import checksums, file_record
+from bigscience_train.checkpoint.paths import LATEST, step_dir_name
+from bigscience_train.checkpoint.reader import single_process_dcp
 from bigscience_train.config import load_config, to_yaml
 from bigscience_train.fsutil import atomic_write_text, temporary_sibling
 
@@ -137,9 +138,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, seq_length: int = 2048) -> Pa
     step.mkdir(parents=True)
     try:
         start = time.perf_counter()
-        with warnings.catch_warnings():
-            # no_dist is what we ask for: one process writes the whole checkpoint.
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with single_process_dcp():
             dcp.save(
                 {"model": placeholders},
                 storage_writer=FileSystemWriter(str(step), thread_count=1),
@@ -150,8 +149,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, seq_length: int = 2048) -> Pa
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         (step / "config.yaml").write_text(to_yaml(cfg))
         (step / "train_state.json").write_text(json.dumps(asdict(TrainState()), indent=2))
-        names = sorted(p.name for p in step.iterdir() if p.is_file())
-        shards = {name: (step / name).stat().st_size for name in names}
+        names = [p.name for p in step.iterdir() if p.is_file()]
         meta = {
             "version": __version__,
             "model": cfg.model.name,
@@ -161,8 +159,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, seq_length: int = 2048) -> Pa
             "imported_from": str(hf_dir.resolve()),
             "weights_only": True,
             **asdict(TrainState()),
-            "shards": shards,
-            "checksums": checksums(step, names),
+            **file_record(step, names, checksums(step, names)),
             "save_seconds": time.perf_counter() - start,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }

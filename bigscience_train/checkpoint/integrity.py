@@ -36,6 +36,14 @@ def checksums(directory: Path, names: list[str]) -> dict[str, str]:
     return {name: file_checksum(directory / name) for name in names}
 
 
+def file_record(directory: Path, names: list[str], hashed: dict[str, str]) -> dict:
+    """meta.json's `shards` (sizes) and `checksums` of these files of a checkpoint directory."""
+    return {
+        "shards": {name: (directory / name).stat().st_size for name in sorted(names)},
+        "checksums": dict(sorted(hashed.items())),
+    }
+
+
 def problems(directory: Path, rank: int = 0, world: int = 1) -> list[str]:
     """What is wrong with the files meta.json lists: every size here, this rank's share of the checksums."""
     meta_path = directory / "meta.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from bigscience_train.checkpoint.dcp import latest_checkpoint
+from bigscience_train.checkpoint.paths import latest_checkpoint
 
 MODEL_PREFIX = "model."
 
@@ -51,8 +52,15 @@ def iter_model_tensors(path: Path, names: list[str] | None = None) -> Iterator[t
     for name in names if names is not None else list(tensors):
         meta = tensors[name]
         tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
-        with warnings.catch_warnings():
-            # no_dist is what we ask for: reading a checkpoint whole, in one process.
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with single_process_dcp():
             dcp.load({MODEL_PREFIX + name: tensor}, storage_reader=FileSystemReader(str(path)), no_dist=True)
         yield name, tensor
+
+
+@contextlib.contextmanager
+def single_process_dcp() -> Iterator[None]:
+    """DCP with no_dist=True warns that torch.distributed is off: that is what we ask for (one process reading or
+    writing a whole checkpoint)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield

@@ -4,6 +4,7 @@ from bigscience_train.config.load import OverrideError, load_config, load_config
 from bigscience_train.config.schema import RunConfig
 from bigscience_train.config.validate import (
     ConfigError,
+    cluster_world_size,
     config_problems,
     data_parallel_size,
     padded_vocab_size,
@@ -13,6 +14,7 @@ from bigscience_train.config.validate import (
 
 __all__ = [
     "ConfigError",
+    "cluster_world_size",
     "OverrideError",
     "RunConfig",
     "config_problems",

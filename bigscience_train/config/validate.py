@@ -31,6 +31,11 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
     return max(world_size // (cfg.parallel.tp * cfg.parallel.pp), 1)
 
 
+def cluster_world_size(cluster) -> int:
+    """Ranks of a job on the cluster preset: nodes x ranks per node."""
+    return cluster.nodes * cluster.procs_per_node
+
+
 def parse_blend(blend: list[str]) -> tuple[list[str], list[float] | None]:
     """Megatron's blend syntax: [prefix] or [weight, prefix, weight, prefix, ...]."""
     if len(blend) == 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from bigscience_train.config import padded_vocab_size
+from bigscience_train.config import cluster_world_size, data_parallel_size, padded_vocab_size
 from bigscience_train.plan.hardware import device_spec
 from bigscience_train.plan.memory import GIB, Layout, MemoryEstimate, estimate_memory, parameter_counts
 from bigscience_train.plan.throughput import TimeEstimate, estimate_time
@@ -73,13 +73,11 @@ class Plan:
 
 def layout_of(cfg) -> Layout:
     """The layout a config asks for, on its cluster's nodes x ranks per node."""
-    par, c = cfg.parallel, cfg.cluster
-    world = c.nodes * c.procs_per_node
-    dp = par.dp if par.dp is not None else max(world // (par.tp * par.pp), 1)
+    par = cfg.parallel
     return Layout(
         par.tp,
         par.pp,
-        dp,
+        data_parallel_size(cfg, cluster_world_size(cfg.cluster)),
         cfg.train.micro_batch_size,
         par.recompute.value,
         par.dp_shard.value,
@@ -125,7 +123,7 @@ def candidate_layouts(cfg) -> list[Layout]:
     """Valid layouts on the cluster's nodes: TP within a node and dividing the heads, PP dividing the layers
     (with the embedding slots when pp_count_embeddings), the global batch divisible by micro batch x dp."""
     m, c, par = cfg.model, cfg.cluster, cfg.parallel
-    world = c.nodes * c.procs_per_node
+    world = cluster_world_size(c)
     gbs = cfg.train.global_batch_size
     units = m.num_layers + (2 if par.pp_count_embeddings else 0)
     layouts = []

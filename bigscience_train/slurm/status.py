@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from bigscience_train.checkpoint.paths import latest_checkpoint
 from bigscience_train.last_stop import read_last_stop
 from bigscience_train.slurm.directives import time_seconds
 
@@ -129,14 +130,12 @@ def training_progress(run_dir: Path) -> dict:
             if record.get("kind") == "train":
                 info["step"], info["tokens"] = record["step"], record["consumed_tokens"]
                 break
-    latest = run_dir / "checkpoints" / "latest"
-    if latest.is_file():
-        info["checkpoint"] = latest.read_text().strip()
-        state = run_dir / "checkpoints" / info["checkpoint"] / "train_state.json"
-        if state.is_file():
-            saved = json.loads(state.read_text())
-            if saved["step"] >= info["step"]:
-                info["step"], info["tokens"] = saved["step"], saved["consumed_tokens"]
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if latest is not None:
+        info["checkpoint"] = latest.name
+        saved = json.loads((latest / "train_state.json").read_text())
+        if saved["step"] >= info["step"]:
+            info["step"], info["tokens"] = saved["step"], saved["consumed_tokens"]
     info["last_stop"] = read_last_stop(run_dir)
     return info
 

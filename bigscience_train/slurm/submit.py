@@ -14,7 +14,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bigscience_train.config import ConfigError, config_problems, load_config, to_yaml
+from bigscience_train.config import (
+    ConfigError,
+    cluster_world_size,
+    config_problems,
+    data_parallel_size,
+    load_config,
+    to_yaml,
+)
 from bigscience_train.config.validate import file_problems, unsupported_problems
 from bigscience_train.fsutil import atomic_write_text
 from bigscience_train.plan.estimate import layout_of, make_plan
@@ -41,14 +48,10 @@ class Prepared:
     records: list[tuple[Path, int | None]]
 
 
-def world_size(cluster) -> int:
-    return cluster.nodes * cluster.procs_per_node
-
-
 def check(cfg, label: str = "", memory: bool = True) -> None:
     """Every problem of the run and of its cluster preset, at once; and, unless `memory` is off, whether the
     planner predicts that the layout fits the device (with its breakdown when it does not)."""
-    problems = config_problems(cfg, world_size(cfg.cluster)) + cluster_problems(cfg.cluster)
+    problems = config_problems(cfg, cluster_world_size(cfg.cluster)) + cluster_problems(cfg.cluster)
     problems += unsupported_problems(cfg)
     if not any(p.startswith("data.blend") for p in problems):
         problems += file_problems(cfg)
@@ -83,7 +86,7 @@ def _absolute(workdir: Path, path: str | None) -> str | None:
 
 def _layout(cfg) -> str:
     c, p = cfg.cluster, cfg.parallel
-    dp = world_size(c) // (p.tp * p.pp)
+    dp = data_parallel_size(cfg, cluster_world_size(c))
     return f"{c.nodes} node(s) x {c.procs_per_node} ranks, (tp, pp, dp) = ({p.tp}, {p.pp}, {dp})"
 
 

@@ -23,8 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from bigscience_train import __version__
 from bigscience_train.carbon.aggregate import carbon_totals
 from bigscience_train.carbon.tracker import NodeTracker
-from bigscience_train.checkpoint import CheckpointManager, TrainState
-from bigscience_train.checkpoint.dcp import step_dir_name
+from bigscience_train.checkpoint.dcp import CheckpointManager, TrainState, step_dir_name
 from bigscience_train.checkpoint.reader import resolve_checkpoint
 from bigscience_train.config import to_yaml
 from bigscience_train.data.gpt_data import build_splits
