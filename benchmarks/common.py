@@ -22,6 +22,15 @@ def time_per_call(fn: Callable[[], object], warmup: int, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def report(name: str, figures: dict, ratios: dict) -> Path:
+    """Prints the figures and the ratios against their targets, then writes them (write_result)."""
+    for key, value in figures.items():
+        print(f"{key:34s} {value:,.2f}" if isinstance(value, float) else f"{key:34s} {value}")
+    for key, r in ratios.items():
+        print(f"{key:44s} {r['value']:6.2f}  (target {r['target']:.2f})")
+    return write_result(name, {"figures": figures, "ratios": ratios})
+
+
 def write_result(name: str, result: dict) -> Path:
     """result: {"figures": {...}, "ratios": {name: {"value": x, "target": y}}}"""
     RESULTS.mkdir(parents=True, exist_ok=True)

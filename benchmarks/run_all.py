@@ -26,7 +26,10 @@ def main() -> int:
         if name in failed or not path.is_file():
             rows.append(f"| {name} | (failed) | | | no |")
             continue
-        for label, r in json.loads(path.read_text())["ratios"].items():
+        result = json.loads(path.read_text())
+        if "skipped" in result:
+            rows.append(f"| {name} | (skipped: {result['skipped']}) | | | |")
+        for label, r in result["ratios"].items():
             rows.append(
                 f"| {name} | {label} | {r['value']:.2f} | {r['target']} | "
                 f"{'yes' if r['value'] >= r['target'] else 'no'} |"

@@ -13,7 +13,6 @@ from bigscience_train.slurm import SlurmError
 
 def _train(args: argparse.Namespace) -> int:
     from bigscience_train.config import load_config, load_config_file, to_yaml, validate
-    from bigscience_train.config.validate import unsupported_problems
     from bigscience_train.train.stop import catch
 
     if args.config_file and args.overrides:
@@ -32,9 +31,6 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     rank, world, _ = launcher_env()
     validate(cfg, world, check_files=True)
-    unsupported = unsupported_problems(cfg)
-    if unsupported:
-        raise ConfigError(unsupported)
     penv = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp)
     try:
         result = Trainer(cfg, penv).run()

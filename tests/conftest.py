@@ -45,24 +45,37 @@ def data_overrides(tiny_data: dict, run_dir: Path) -> list[str]:
     ]
 
 
+def torchrun(nproc: int, target: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *target,
+    ]
+
+
 def run_cli(args: list[str], nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
     """`bigscience ...` in a fresh process, under torchrun when nproc > 1, as a user would run it."""
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     if nproc > 1:
         assert args[0] == "train"
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "bigscience_train.train",
-            *args[1:],
-        ]
+        cmd = torchrun(nproc, ["-m", "bigscience_train.train", *args[1:]])
     else:
         cmd = [sys.executable, "-m", "bigscience_train.cli", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_script(
+    script: str, nproc: int, args: list[str], env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """tests/SCRIPT under torchrun: a check that needs the trainer's objects after the run."""
+    cmd = torchrun(nproc, [str(ROOT / "tests" / script), *args])
+    return subprocess.run(cmd, cwd=ROOT, env=child_env(env), capture_output=True, text=True, timeout=600)
+
+
+def child_env(extra: dict | None = None) -> dict:
+    return {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", **(extra or {})}
 
 
 def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:

@@ -69,6 +69,32 @@ def test_default_config_is_valid():
             "parallel.pp_schedule='zigzag' is not one of gpipe, 1f1b, interleaved_1f1b",
         ),
         (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs parallel.tp > 1"),
+        (
+            ["parallel.sequence_parallel=true", "parallel.tp=2", "model.position=learned"],
+            2,
+            "sequence_parallel=true works with model.position=alibi or rotary, not learned",
+        ),
+        (
+            [
+                "parallel.pp=2",
+                "train.global_batch_size=8",
+                "train.micro_batch_size=2",
+                "train.rampup_batch_size=[2,2,8]",
+            ],
+            2,
+            "batch size 2 gives 1 micro-batches (micro batch x dp = 2): parallel.pp_schedule=1f1b needs at least "
+            "parallel.pp=2",
+        ),
+        (
+            [
+                "parallel.pp=2",
+                "parallel.pp_schedule=interleaved_1f1b",
+                "parallel.virtual_stages=2",
+                "train.global_batch_size=5",
+            ],
+            2,
+            "parallel.pp_schedule=interleaved_1f1b needs a multiple of 2 (micro-batches // pp)",
+        ),
         (["optim.min_lr=1.0", "optim.lr=0.1"], 1, "optim.min_lr=1.0 must be between 0 and optim.lr=0.1"),
         (["optim.decay_samples=10", "optim.decay_tokens=100"], 1, "at most one of optim.decay_samples"),
         (["data.blend=[0.3,a,b]"], 1, "data.blend has 3 entries"),

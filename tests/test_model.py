@@ -13,6 +13,7 @@ from bigscience_train.model import (
     shape_from_config,
 )
 from bigscience_train.model.positions import alibi_slopes
+from bigscience_train.parallel.pipeline import stage_layers
 
 SHAPE = GPTShape(num_layers=2, hidden_size=64, num_heads=4, seq_length=32, vocab_size=256)
 
@@ -93,12 +94,12 @@ def test_meta_construction_then_init_weights():
 
 
 def test_same_seed_same_weights_meta_or_not():
-    torch.manual_seed(3)
-    eager = GPT(SHAPE)
-    torch.manual_seed(3)
-    meta = materialize(build_on_meta(SHAPE))
+    eager = GPT(SHAPE, seed=3)
+    meta = materialize(build_on_meta(SHAPE), seed=3)
     for (n, a), (_, b) in zip(eager.state_dict().items(), meta.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
+    other = GPT(SHAPE, seed=4)
+    assert not torch.equal(other.lm_head.weight, eager.lm_head.weight)
 
 
 def test_untied_output_layer():
@@ -119,3 +120,40 @@ def test_embedding_layernorm_switch():
     without = tiny(embedding_layernorm=False)
     assert not hasattr(without.transformer, "word_embeddings_layernorm")
     assert "transformer.word_embeddings_layernorm.weight" in tiny().state_dict()
+
+
+@pytest.mark.parametrize(
+    "layers, stages, count_embeddings, expected",
+    [
+        (4, 2, False, [(0, 2), (2, 4)]),
+        (8, 4, False, [(0, 2), (2, 4), (4, 6), (6, 8)]),
+        # BigScience's type:transformer|embedding: the ends carry the embedding and the output layer.
+        (6, 4, True, [(0, 1), (1, 3), (3, 5), (5, 6)]),
+        (70, 12, True, [(0, 5)] + [(5 + 6 * i, 11 + 6 * i) for i in range(10)] + [(65, 70)]),
+    ],
+)
+def test_pipeline_stages_balance_layers(layers, stages, count_embeddings, expected):
+    ranges = stage_layers(layers, stages, count_embeddings)
+    assert [(r.start, r.stop) for r in ranges] == expected
+
+
+@pytest.mark.parametrize("position", ["alibi", "learned", "rotary"])
+def test_pipeline_stages_hold_the_whole_models_weights_and_compute_its_logits(position):
+    """Each stage initialises only its own parameters, and gets the values the whole model has: the weights
+    depend on the seed and the parameter's name alone. Run in sequence, the stages compute the same logits."""
+    shape = GPTShape(**{**SHAPE.__dict__, "num_layers": 4, "position": position})
+    whole = materialize(build_on_meta(shape), seed=7).eval()
+    stages = [
+        materialize(build_on_meta(shape).keep_layers(r), seed=7).eval() for r in stage_layers(4, 3, True)
+    ]
+    reference = whole.state_dict()
+    for stage in stages:
+        for name, tensor in stage.state_dict().items():
+            assert torch.equal(tensor, reference[name]), name
+    assert stages[-1].transformer.word_embeddings is None and stages[0].lm_head is None
+    assert torch.equal(stages[-1].lm_head.weight, whole.transformer.word_embeddings.weight)
+    tokens = torch.randint(0, SHAPE.vocab_size, (2, SHAPE.seq_length))
+    x = tokens
+    for stage in stages:
+        x = stage(x)
+    assert torch.allclose(x, whole(tokens), atol=1e-6)

@@ -1,14 +1,13 @@
 """Parallel layouts reproduce the single-process run (fp32, gloo, CPU)."""
 
+import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from bigscience_train.checkpoint.reader import iter_model_tensors, resolve_checkpoint
-from tests.conftest import ROOT, data_overrides, read_metrics, run_cli
+from tests.conftest import data_overrides, read_metrics, run_cli, run_script
 
 COMMON = [
     "model=gpt_tiny",
@@ -54,46 +53,65 @@ def assert_same_run(run, reference):
         assert torch.allclose(ours[name], theirs[name], atol=1e-5), name
 
 
-@pytest.mark.parametrize(
-    "tp, dp, zero", [(2, 1, "none"), (2, 2, "none"), (1, 2, "zero2"), (1, 2, "zero3"), (2, 2, "zero3")]
-)
-def test_parallel_layouts_match_single_process(tiny_data, tmp_path, single, tp, dp, zero):
+# (tp, pp, dp) layouts as the overrides and process counts a user gives. dp=2 with pp=2 halves the
+# micro-batches per rank: micro batch 1 keeps them >= pp, as 1F1B needs.
+LAYOUTS = {
+    "(2,1,1)": (["parallel.tp=2"], 2),
+    "(2,1,2)": (["parallel.tp=2"], 4),
+    "(1,1,2)-zero2": (["parallel.dp_shard=zero2"], 2),
+    "(1,1,2)-zero3": (["parallel.dp_shard=zero3"], 2),
+    "(2,1,2)-zero3": (["parallel.tp=2", "parallel.dp_shard=zero3"], 4),
+    "(1,2,1)-1f1b": (["parallel.pp=2"], 2),
+    "(1,2,1)-gpipe": (["parallel.pp=2", "parallel.pp_schedule=gpipe"], 2),
+    "(1,2,1)-interleaved": (
+        ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.virtual_stages=2"],
+        2,
+    ),
+    "(2,2,1)": (["parallel.tp=2", "parallel.pp=2"], 4),
+    "(1,2,2)": (["parallel.pp=2", "train.micro_batch_size=1"], 4),
+    "(1,2,2)-zero2": (["parallel.pp=2", "train.micro_batch_size=1", "parallel.dp_shard=zero2"], 4),
+    "(1,2,2)-zero3-interleaved": (
+        [
+            "parallel.pp=2",
+            "train.micro_batch_size=1",
+            "parallel.dp_shard=zero3",
+            "parallel.pp_schedule=interleaved_1f1b",
+            "parallel.virtual_stages=2",
+        ],
+        4,
+    ),
+    "(2,1,1)-sp": (["parallel.tp=2", "parallel.sequence_parallel=true"], 2),
+    "(2,1,2)-sp": (["parallel.tp=2", "parallel.sequence_parallel=true"], 4),
+    "(2,2,1)-sp": (["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], 4),
+}
+
+
+# (1,2,2) is compared by the resume test below, from a checkpoint saved at (2,2,1).
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name not in ("(1,2,2)", "(2,1,2)-sp")])
+def test_parallel_layouts_match_single_process(tiny_data, tmp_path, single, layout):
+    overrides, nproc = LAYOUTS[layout]
     run = tmp_path / "run"
-    overrides = [f"parallel.tp={tp}", f"parallel.dp_shard={zero}"]
-    out = run_cli(["train", *COMMON, *overrides, *data_overrides(tiny_data, run)], nproc=tp * dp)
+    out = run_cli(["train", *COMMON, *overrides, *data_overrides(tiny_data, run)], nproc=nproc)
     assert out.returncode == 0, out.stderr
-    assert f"(tp={tp} pp=1 dp={dp})" in out.stdout
+    tp, pp, dp = (int(n) for n in layout[1:6].split(","))
+    assert f"(tp={tp} pp={pp} dp={dp})" in out.stdout
     assert_same_run(run, single)
+    if pp > 1:
+        record = read_metrics(run)[-1]
+        micro = record["batch_size"] // ((1 if "train.micro_batch_size=1" in overrides else 2) * dp)
+        virtual = 2 if "parallel.virtual_stages=2" in overrides else 1
+        assert record["pp_bubble_theory"] == pytest.approx((pp - 1) / (virtual * micro + pp - 1))
+        assert 0 <= record["pp_bubble"] < 1
 
 
 def test_replicated_parameters_stay_identical_across_tp_ranks(tiny_data, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "tests" / "replica_check.py"),
-        *COMMON,
-        "parallel.tp=2",
-        "precision=bf16",
-        *data_overrides(tiny_data, tmp_path / "run"),
-    ]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = run_script(
+        "replica_check.py",
+        2,
+        [*COMMON, "parallel.tp=2", "precision=bf16", *data_overrides(tiny_data, tmp_path / "run")],
+    )
     assert out.returncode == 0, out.stderr
     assert "replicas identical" in out.stdout
-
-
-def test_checkpoint_saved_with_tp2_resumes_at_tp1(tiny_data, tmp_path, single):
-    run = tmp_path / "run"
-    first = run_cli(
-        ["train", *COMMON, "parallel.tp=2", "train.exit_interval=3", *data_overrides(tiny_data, run)], nproc=2
-    )
-    assert first.returncode == 0, first.stderr
-    second = run_cli(["train", *COMMON, *data_overrides(tiny_data, run)])
-    assert second.returncode == 0, second.stderr
-    assert "resumed from" in second.stdout
-    assert_same_run(run, single)
 
 
 def test_resume_with_two_data_parallel_ranks_is_bit_exact(tiny_data, tmp_path):
@@ -110,32 +128,63 @@ def test_resume_with_two_data_parallel_ranks_is_bit_exact(tiny_data, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def saved_at_tp2_dp2(tiny_data, tmp_path_factory):
-    """A run cut after 3 steps at (tp, pp, dp) = (2, 1, 2)."""
-    run = tmp_path_factory.mktemp("tp2dp2") / "run"
+def saved_at_tp2_pp2(tiny_data, tmp_path_factory):
+    """A run cut after 3 steps at (tp, pp, dp) = (2, 2, 1)."""
+    run = tmp_path_factory.mktemp("tp2pp2") / "run"
     out = run_cli(
-        ["train", *COMMON, "parallel.tp=2", "train.exit_interval=3", *data_overrides(tiny_data, run)], nproc=4
+        ["train", *COMMON, *LAYOUTS["(2,2,1)"][0], "train.exit_interval=3", *data_overrides(tiny_data, run)],
+        nproc=4,
     )
     assert out.returncode == 0, out.stderr
     return run
 
 
-@pytest.mark.parametrize(
-    "resume_at, nproc",
-    [
-        (["parallel.tp=1"], 1),
-        (["parallel.tp=1", "train.micro_batch_size=1"], 4),
-        (["parallel.tp=2"], 2),
-        (["parallel.tp=2", "parallel.dp_shard=zero3"], 4),
-    ],
-    ids=["(1,1,1)", "(1,1,4)", "(2,1,1)", "(2,1,2)-zero3"],
-)
-def test_checkpoint_saved_at_tp2_dp2_resumes_at_other_layouts(
-    tiny_data, tmp_path, single, saved_at_tp2_dp2, resume_at, nproc
+@pytest.mark.parametrize("layout", ["(1,1,1)", "(1,1,4)", "(2,1,2)-zero3", "(1,2,2)"])
+def test_checkpoint_saved_at_tp2_pp2_resumes_at_other_layouts(
+    tiny_data, tmp_path, single, saved_at_tp2_pp2, layout
 ):
+    overrides, nproc = {
+        "(1,1,1)": ([], 1),
+        "(1,1,4)": (["train.micro_batch_size=1"], 4),
+        **LAYOUTS,
+    }[layout]
     run = tmp_path / "run"
-    shutil.copytree(saved_at_tp2_dp2, run)
-    out = run_cli(["train", *COMMON, *resume_at, *data_overrides(tiny_data, run)], nproc=nproc)
+    shutil.copytree(saved_at_tp2_pp2, run)
+    out = run_cli(["train", *COMMON, *overrides, *data_overrides(tiny_data, run)], nproc=nproc)
     assert out.returncode == 0, out.stderr
     assert "resumed from" in out.stdout
     assert_same_run(run, single)
+
+
+def fault_run(tiny_data, run, layout, precision, fault, rank, steps, *extra):
+    overrides, nproc = LAYOUTS[layout]
+    out = run_script(
+        "fault_check.py",
+        nproc,
+        [*COMMON, *overrides, f"precision={precision}", *extra, *data_overrides(tiny_data, run)],
+        {"FAULT": fault, "FAULT_RANK": str(rank), "FAULT_STEPS": steps},
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("layout, rank", [("(1,2,2)", 3), ("(2,1,2)", 1)])
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tiny_data, tmp_path, layout, rank):
+    """The last rank is on the last pipeline stage and the second data-parallel replica; rank 1 is the
+    second tensor-parallel rank: the overflow has to travel over pp and dp, or tp and dp."""
+    report = fault_run(
+        tiny_data, tmp_path / "run", layout, "fp16", "grad", rank, "3", "precision.hysteresis=1"
+    )
+    assert [r["skipped"] for r in report] == [[3]] * len(report)
+    assert all(r["identical"] and r["error"] is None for r in report)
+    scales = [r["loss_scale"] for r in read_metrics(tmp_path / "run")]
+    assert scales[:3] == [2.0**12] * 3 and scales[3:] == [2.0**11] * 3
+    assert read_metrics(tmp_path / "run")[-1]["skipped_steps"] == 1
+
+
+def test_nan_loss_on_one_rank_skips_everywhere_then_stops_every_rank(tiny_data, tmp_path):
+    report = fault_run(
+        tiny_data, tmp_path / "run", "(2,2,1)", "fp32", "loss", 3, "2-", "train.max_consecutive_nonfinite=3"
+    )
+    assert [r["skipped"] for r in report] == [[2, 3, 4]] * 4
+    assert all("3 consecutive steps had a non-finite loss" in r["error"] for r in report)

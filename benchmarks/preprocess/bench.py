@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import write_result
+from benchmarks.common import report
 from bigscience_train.data.indexed import IndexedDatasetBuilder
 from data_tools.fast_encoder import tiktoken_encoding
 from data_tools.tokenizer_train import train_tokenizer
@@ -158,11 +158,7 @@ def main() -> None:
         # Flat memory: the run on twice the corpus peaks no higher than 1.1x the run on the corpus.
         "peak memory flatness (1x / 2x corpus)": {"value": ours_rss / double_rss, "target": 1 / 1.1},
     }
-    for key, value in figures.items():
-        print(f"{key:34s} {value:,.1f}" if isinstance(value, float) else f"{key:34s} {value}")
-    for key, r in ratios.items():
-        print(f"{key:40s} {r['value']:6.2f}  (target {r['target']:.2f})")
-    write_result("preprocess", {"figures": figures, "ratios": ratios})
+    report("preprocess", figures, ratios)
 
 
 if __name__ == "__main__":

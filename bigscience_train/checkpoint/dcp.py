@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -95,6 +98,38 @@ class _PendingSave:
     start: float
 
 
+# Optimizer state and param-group settings keyed by parameter name ("state.<name>.exp_avg",
+# "param_groups.<name>.lr"): a pipeline stage finds its own parameters' entries, whatever layout saved them.
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def rename_optim_state(optim_sd: dict, aliases: dict[str, str]) -> dict:
+    """The flattened optimizer state dict with parameter names replaced per `aliases`."""
+    if not aliases:
+        return optim_sd
+    renamed = {}
+    for key, value in optim_sd.items():
+        section, _, rest = key.partition(".")
+        for old, new in aliases.items():
+            if rest.startswith(old + "."):
+                key = f"{section}.{new}{rest[len(old) :]}"
+        renamed[key] = value
+    return renamed
+
+
+class CachedStager(BlockingAsyncStager):
+    """Copies the state aside into buffers kept from one async save to the next (pinned where there is CUDA):
+    after the first save, staging is a plain copy, without allocating and faulting in gigabytes each time."""
+
+    def __init__(self):
+        super().__init__(cache_staged_state_dict=True)
+
+    def stage(self, state_dict: dict) -> dict:
+        if self.state_dict_cache is None:
+            self.state_dict_cache = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+        return _copy_state_dict(state_dict, self.state_dict_cache)
+
+
 class CheckpointManager:
     def __init__(
         self,
@@ -103,12 +138,16 @@ class CheckpointManager:
         keep_last: int | None = None,
         keep_every: int | None = None,
         async_save: bool = False,
+        optim_aliases: dict[str, str] | None = None,
     ):
         self.root = Path(root)
         self.penv = penv
         self.keep_last, self.keep_every = keep_last, keep_every
         self.async_save = async_save
+        # Parameter names whose optimizer state is stored under another name (a pipeline's tied copy).
+        self.optim_aliases = optim_aliases or {}
         self._pending: _PendingSave | None = None
+        self._stager = CachedStager() if async_save else None
         self._async_group = None
 
     def latest(self) -> Path | None:
@@ -135,13 +174,15 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.penv.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+        optim_sd = rename_optim_state(optim_sd, self.optim_aliases)
         future = None
         if self.async_save:
             future = dcp.async_save(
                 {"model": model_sd, "optim": optim_sd},
                 checkpoint_id=str(tmp),
                 process_group=self._cpu_group(),
+                async_stager=self._stager,
             )
         else:
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
@@ -194,22 +235,36 @@ class CheckpointManager:
         self.penv.barrier()
         return pending.final
 
-    def verify(self, path: Path) -> None:
-        """Sizes of every file and this rank's share of the checksums; every rank raises the same error."""
-        found = problems(path, self.penv.rank, self.penv.world_size)
+    def verify(self, path: Path, hash_files: bool = True) -> None:
+        """Sizes of every file and (hash_files) this rank's share of the checksums; every rank raises the same
+        error."""
+        found = problems(path, self.penv.rank, self.penv.world_size, hash_files)
         every = sorted({p for part in self.penv.all_gather_object(found) for p in part})
         if every:
             raise CheckpointIntegrityError(path, every)
 
+    def _read(self, path: Path, to_load: dict) -> None:
+        """DCP load of `to_load` in place, between two checks: sizes before (a truncated shard must not reach
+        DCP), checksums after, on files the read has just brought into the page cache (one disk read, not
+        two). A damaged file raises before training can use anything read from it, also when DCP itself
+        failed on it."""
+        self.verify(path, hash_files=False)
+        try:
+            dcp.load(to_load, checkpoint_id=str(path))
+        finally:
+            self.verify(path)
+
     def load(self, path: Path, model, optimizer) -> TrainState:
         """Everything: weights, optimizer, RNG and train state, resharded to this process's layout."""
-        self.verify(path)
         if json.loads((path / "meta.json").read_text()).get("weights_only"):
             raise ValueError(f"{path} holds weights only (an import): load it with train.finetune=true")
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        to_load = {"model": model_sd, "optim": optim_sd}
-        dcp.load(to_load, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"])
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+        to_load = {"model": model_sd, "optim": rename_optim_state(optim_sd, self.optim_aliases)}
+        self._read(path, to_load)
+        optim_sd = rename_optim_state(to_load["optim"], {v: k for k, v in self.optim_aliases.items()})
+        set_state_dict(
+            model, optimizer, model_state_dict=to_load["model"], optim_state_dict=optim_sd, options=OPTIONS
+        )
         rank_file = path / f"rank_{self.penv.rank:05d}.pt"
         if rank_file.is_file():
             set_rng_state(torch.load(rank_file, weights_only=True)["rng"])
@@ -217,8 +272,7 @@ class CheckpointManager:
 
     def load_weights(self, path: Path, model) -> None:
         """The model's weights alone (fine-tuning, evaluation), resharded to the model's layout."""
-        self.verify(path)
         model_sd = get_model_state_dict(model)
         to_load = {"model": model_sd}
-        dcp.load(to_load, checkpoint_id=str(path))
+        self._read(path, to_load)
         set_model_state_dict(model, to_load["model"])

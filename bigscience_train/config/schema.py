@@ -134,6 +134,9 @@ class TrainConfig:
     # Megatron's --exit-interval: save and exit after a step divisible by this (the run resumes later).
     exit_interval: int | None = None
     seed: int = 1234
+    # torch.compile each transformer block (fuses the elementwise work between matmuls; the first steps
+    # pay the compilation).
+    compile: bool = False
     # auto: continue from RUN/checkpoints/latest when there is one; never: always start fresh.
     resume: str = "auto"
     # A run with no checkpoint of its own starts from this one (a run directory, checkpoints/ or step

@@ -94,6 +94,10 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
         f"parallel.virtual_stages={par.virtual_stages} needs parallel.pp_schedule=interleaved_1f1b",
     )
     need(not par.sequence_parallel or par.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1")
+    need(
+        not par.sequence_parallel or m.position.value != "learned",
+        "parallel.sequence_parallel=true works with model.position=alibi or rotary, not learned",
+    )
 
     if par.dp is not None:
         need(par.dp >= 1, f"parallel.dp={par.dp} must be >= 1")
@@ -117,6 +121,8 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
             f"train.global_batch_size={gbs} is not divisible by train.micro_batch_size={mbs} x dp={dp}",
         )
         problems += rampup_problems(list(tr.rampup_batch_size), gbs, mbs * dp)
+        if par.pp > 1 and not problems:
+            problems += pipeline_problems(par, batch_sizes(gbs, list(tr.rampup_batch_size)), mbs * dp)
     need(tr.iters is not None or tr.tokens is not None, NO_END)
     for name in ("iters", "tokens", "exit_duration_minutes", "exit_interval"):
         value = getattr(tr, name)
@@ -171,6 +177,33 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
     return problems
 
 
+def batch_sizes(gbs: int, rampup: list[int]) -> list[int]:
+    """Every global batch size a run goes through, ramp-up included."""
+    if not rampup:
+        return [gbs]
+    start, inc, _ = rampup
+    return list(range(start, gbs, inc)) + [gbs]
+
+
+def pipeline_problems(par, sizes: list[int], step: int) -> list[str]:
+    """torch.distributed.pipelining's rules on the micro-batches of each step (batch / (micro batch x dp))."""
+    problems = []
+    for size in sizes:
+        micro = size // step
+        if par.pp_schedule == "1f1b" and micro < par.pp:
+            problems.append(
+                f"batch size {size} gives {micro} micro-batches (micro batch x dp = {step}): "
+                f"parallel.pp_schedule=1f1b needs at least parallel.pp={par.pp}"
+            )
+        rounds = max(1, micro // par.pp)
+        if par.pp_schedule == "interleaved_1f1b" and micro % rounds:
+            problems.append(
+                f"batch size {size} gives {micro} micro-batches (micro batch x dp = {step}): "
+                f"parallel.pp_schedule=interleaved_1f1b needs a multiple of {rounds} (micro-batches // pp)"
+            )
+    return problems
+
+
 def rampup_problems(rampup: list[int], gbs: int, step: int) -> list[str]:
     """Megatron's --rampup-batch-size rules; `step` is micro batch x dp, the unit every batch size needs."""
     if not rampup:
@@ -212,18 +245,6 @@ def file_problems(cfg: RunConfig) -> list[str]:
             if not Path(prefix + suffix).is_file():
                 problems.append(f"data.blend: no such file {prefix}{suffix}")
     return problems
-
-
-def unsupported_problems(cfg: RunConfig) -> list[str]:
-    """Valid settings the trainer cannot run yet."""
-    return [
-        f"{setting}: not available in this version yet"
-        for setting, wanted in (
-            (f"parallel.pp={cfg.parallel.pp}", cfg.parallel.pp > 1),
-            ("parallel.sequence_parallel=true", cfg.parallel.sequence_parallel),
-        )
-        if wanted
-    ]
 
 
 def validate(cfg: RunConfig, world_size: int = 1, check_files: bool = False) -> None:

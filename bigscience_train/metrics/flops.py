@@ -39,27 +39,35 @@ def flops_per_iteration(
 
 @functools.cache
 def measured_matmul_peak(
-    dtype: torch.dtype = torch.float32, max_n: int = 2048, seconds: float = 0.5
+    dtype: torch.dtype = torch.float32, max_n: int = 2048, seconds: float = 0.5, device: str = "cpu"
 ) -> float:
-    """FLOP/s of square matmuls on this CPU with the current thread count: the CPU's practical peak.
+    """FLOP/s of square matmuls on this device (with the current thread count on CPU): its practical peak.
 
     The size doubles from 256 up to max_n while one matmul stays under 50 ms, so dtypes the CPU only emulates
     (bf16/fp16 without hardware support) are measured in a second, not minutes.
     """
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     n = 256
     while n < max_n:
-        a = torch.randn(n, n, dtype=dtype)
+        a = torch.randn(n, n, dtype=dtype, device=device)
         start = time.perf_counter()
         torch.matmul(a, a)
+        sync()
         if time.perf_counter() - start > 0.05:
             break
         n *= 2
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     torch.matmul(a, b)  # warm-up: thread pool and caches
+    sync()
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         torch.matmul(a, b)
         reps += 1
+        sync()
     return 2.0 * n**3 * reps / (time.perf_counter() - start)
 
 

@@ -8,6 +8,7 @@ outside (bigscience_train/parallel).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -105,12 +106,21 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(shape.hidden_size, eps=shape.layernorm_epsilon)
 
 
+def parameter_seed(seed: int, name: str) -> int:
+    """Each parameter draws from its own generator, seeded by the run's seed and its name: the weights are
+    the same whichever pipeline stage builds them, in whatever order."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 class GPT(nn.Module):
-    def __init__(self, shape: GPTShape, device: torch.device | str | None = None):
+    def __init__(self, shape: GPTShape, device: torch.device | str | None = None, seed: int = 0):
         """Built on the meta device, then (unless `device` is meta) allocated on `device` and initialised,
         so the weights depend on the seed alone, never on how the model was constructed."""
         super().__init__()
         self.shape = shape
+        # Sequence parallelism hands hidden states split along the sequence into this many parts.
+        self.sequence_shards = 1
         with torch.device("meta"):
             self.transformer = Transformer(shape)
             self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
@@ -119,14 +129,34 @@ class GPT(nn.Module):
         self._tie_embeddings()
         device = torch.device(device) if device is not None else torch.get_default_device()
         if device.type != "meta":
-            materialize(self, device)
+            materialize(self, device, seed)
 
     def _tie_embeddings(self) -> None:
-        if self.shape.tie_embeddings:
+        # A pipeline's last stage holds the output layer without the embedding: its own copy, kept equal
+        # by summing both copies' gradients (bigscience_train/parallel/pipeline.py).
+        if (
+            self.shape.tie_embeddings
+            and self.lm_head is not None
+            and self.transformer.word_embeddings is not None
+        ):
             self.lm_head.weight = self.transformer.word_embeddings.weight
 
+    def keep_layers(self, layers: range) -> GPT:
+        """Keeps only the blocks in `layers`, as a pipeline stage does: the embedding goes unless `layers`
+        starts at the first block, the final layernorm and output layer unless it ends at the last. forward()
+        then takes hidden states instead of tokens, or returns them instead of logits."""
+        t = self.transformer
+        t.h = nn.ModuleDict({str(i): t.h[str(i)] for i in layers})
+        if layers.start > 0:
+            for name in ("word_embeddings", "position_embeddings", "word_embeddings_layernorm"):
+                if hasattr(t, name):
+                    setattr(t, name, None)
+        if layers.stop < self.shape.num_layers:
+            t.ln_f = self.lm_head = None
+        return self
+
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int = 0) -> None:
         """Megatron's init: N(0, std) weights, output projections scaled by 1/sqrt(2 * layers), zero biases.
 
         Call after building on the meta device and `to_empty(device=...)`: it also re-ties the embeddings
@@ -135,14 +165,21 @@ class GPT(nn.Module):
         std = self.shape.init_std
         out_std = std / math.sqrt(2.0 * self.shape.num_layers)
         self._tie_embeddings()
+
+        def normal_(weight: torch.Tensor, name: str, std: float) -> None:
+            generator = torch.Generator(weight.device).manual_seed(parameter_seed(seed, name))
+            weight.normal_(mean=0.0, std=std, generator=generator)
+
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 is_output = name.endswith(("self_attention.dense", "mlp.dense_4h_to_h"))
-                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_output else std)
+                tied = module is self.lm_head and self.shape.tie_embeddings
+                weight_name = "transformer.word_embeddings.weight" if tied else f"{name}.weight"
+                normal_(module.weight, weight_name, out_std if is_output else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                normal_(module.weight, f"{name}.weight", std)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
@@ -153,16 +190,24 @@ class GPT(nn.Module):
         self.alibi_slopes.copy_(positions.alibi_slopes(self.shape.num_heads))
         self.rotary_inv_freq.copy_(positions.rotary_inv_freq(self.shape.head_dim, self.shape.rotary_base))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, seq, padded vocab) of next tokens for tokens (batch, seq)."""
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         t = self.transformer
-        seq_len = tokens.shape[1]
         x = t.word_embeddings(tokens)
         if self.shape.position == "learned":
-            x = x + t.position_embeddings(torch.arange(seq_len, device=tokens.device))
+            x = x + t.position_embeddings(torch.arange(tokens.shape[1], device=tokens.device))
         if self.shape.embedding_layernorm:
             x = t.word_embeddings_layernorm(x)
-        x = t.embedding_dropout(x)
+        return t.embedding_dropout(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, seq, padded vocab) of next tokens for tokens (batch, seq). A pipeline stage
+        (keep_layers) without the embedding takes hidden states, one without the output layer returns them."""
+        t = self.transformer
+        if t.word_embeddings is not None:
+            seq_len = x.shape[1]
+            x = self.embed(x)
+        else:
+            seq_len = x.shape[1] * self.sequence_shards
         bias = rope = None
         if self.shape.position == "alibi":
             # Built in the dtype attention runs in: autocast would otherwise cast a copy in every layer.
@@ -173,6 +218,8 @@ class GPT(nn.Module):
             rope = positions.rotary_cos_sin(self.rotary_inv_freq, seq_len, x.dtype)
         for block in t.h.values():
             x = block(x, bias, rope)
+        if self.lm_head is None:
+            return x
         return self.lm_head(t.ln_f(x))
 
 
@@ -181,10 +228,10 @@ def build_on_meta(shape: GPTShape) -> GPT:
     return GPT(shape, device="meta")
 
 
-def materialize(model: GPT, device: torch.device | str = "cpu") -> GPT:
-    """Allocates storage on `device` (uninitialised) and runs init_weights()."""
+def materialize(model: GPT, device: torch.device | str = "cpu", seed: int = 0) -> GPT:
+    """Allocates storage on `device` (uninitialised) and runs init_weights(seed)."""
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(seed)
     return model
 
 

@@ -50,6 +50,10 @@ class ParallelEnv:
     def dp_rank(self) -> int:
         return self.mesh["dp"].get_local_rank()
 
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh["pp"].get_local_rank()
+
     def dp_group(self):
         return self.mesh["dp"].get_group()
 
@@ -74,9 +78,11 @@ class ParallelEnv:
         dist.all_gather_object(gathered, obj)
         return gathered
 
-    def dp_all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.dp > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group())
+    def all_reduce_sum(self, t: torch.Tensor, dims: tuple[str, ...] = ("pp", "dp")) -> torch.Tensor:
+        """Sums over the named mesh dimensions: per-stage and per-replica totals (losses, token counts)."""
+        for dim in dims:
+            if self.mesh[dim].size() > 1:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.mesh[dim].get_group())
         return t
 
 

@@ -6,6 +6,11 @@ each). The word embedding is vocab-parallel and the tied output layer produces v
 loss consumes under `loss_parallel`, so no rank holds full logits. ALiBi slopes are sliced to the rank's heads.
 Parameters left replicated (layernorms) get their gradients averaged over the TP group, so they cannot drift
 apart across ranks.
+
+Sequence parallel (Megatron's): between the matmuls, in the layernorm, dropout and residual regions, each
+rank holds a slice of the sequence instead of all of it; the row-parallel all-reduces become reduce-scatters
+and the column-parallel inputs all-gathers. The layernorms' weights stay replicated DTensors whose gradients
+DTensor sums over the ranks' slices.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    PrepareModuleInput,
     RowwiseParallel,
+    SequenceParallel,
     loss_parallel,
     parallelize_module,
 )
@@ -26,30 +33,62 @@ from torch.distributed.tensor.parallel import (
 from bigscience_train.model.gpt import GPT
 
 
-def block_plan() -> dict:
-    return {
+def block_plan(sequence_parallel: bool) -> dict:
+    matmuls = {
         "self_attention.query_key_value": ColwiseParallel(),
-        "self_attention.dense": RowwiseParallel(),
         "mlp.dense_h_to_4h": ColwiseParallel(),
-        "mlp.dense_4h_to_h": RowwiseParallel(),
+    }
+    if not sequence_parallel:
+        return {
+            **matmuls,
+            "self_attention.dense": RowwiseParallel(),
+            "mlp.dense_4h_to_h": RowwiseParallel(),
+        }
+    gather = {"input_layouts": (Shard(1),), "desired_input_layouts": (Replicate(),), "use_local_output": True}
+    return {
+        **matmuls,
+        "input_layernorm": SequenceParallel(),
+        # Attention takes (x, alibi bias, rotary terms): only x is split along the sequence.
+        "self_attention": PrepareModuleInput(
+            input_layouts=(Shard(1), None, None),
+            desired_input_layouts=(Replicate(), None, None),
+            use_local_output=True,
+        ),
+        "self_attention.dense": RowwiseParallel(output_layouts=Shard(1)),
+        "post_attention_layernorm": SequenceParallel(),
+        "mlp": PrepareModuleInput(**gather),
+        "mlp.dense_4h_to_h": RowwiseParallel(output_layouts=Shard(1)),
     }
 
 
-def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
+def model_plan(model: GPT, sequence_parallel: bool) -> dict:
+    """The parts outside the blocks that this model (or pipeline stage) holds."""
+    t, plan = model.transformer, {}
+    hidden = Shard(1) if sequence_parallel else Replicate()
+    if t.word_embeddings is not None:
+        plan["transformer.word_embeddings"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=hidden
+        )
+        if sequence_parallel and model.shape.embedding_layernorm:
+            plan["transformer.word_embeddings_layernorm"] = SequenceParallel(use_local_output=True)
+    if model.lm_head is not None:
+        if sequence_parallel:
+            plan["transformer.ln_f"] = SequenceParallel()
+        plan["lm_head"] = ColwiseParallel(
+            input_layouts=hidden, output_layouts=Shard(-1), use_local_output=False
+        )
+    return plan
+
+
+def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
     tp = tp_mesh.size()
     for block in model.transformer.h.values():
-        parallelize_module(block, tp_mesh, block_plan())
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            "transformer.word_embeddings": RowwiseParallel(input_layouts=Replicate()),
-            "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
-        },
-    )
-    if model.shape.tie_embeddings:
-        # Distributing each module made its own Parameter: tie them again, so one gradient accumulates.
-        model.lm_head.weight = model.transformer.word_embeddings.weight
+        parallelize_module(block, tp_mesh, block_plan(sequence_parallel))
+    parallelize_module(model, tp_mesh, model_plan(model, sequence_parallel))
+    if sequence_parallel:
+        model.sequence_shards = tp
+    # Distributing each module made its own Parameter: tie them again, so one gradient accumulates.
+    model._tie_embeddings()
     heads = model.shape.num_heads // tp
     rank = tp_mesh.get_local_rank()
     model.register_buffer(
@@ -76,25 +115,53 @@ def average_replicated_grads(params: list[torch.nn.Parameter], tp_mesh: DeviceMe
     so they cannot drift apart."""
     grads = [local_tensor(p.grad) for p in params if p.grad is not None and replicated_over_tp(p.grad)]
     if grads and tp_mesh.size() > 1:
-        all_reduce_mean(grads, tp_mesh.get_group(), tp_mesh.size())
+        all_reduce_flat(grads, tp_mesh.get_group(), tp_mesh.size())
 
 
-def all_reduce_mean(tensors: list[torch.Tensor], group, size: int) -> None:
-    """Averages tensors over a group with one collective (gloo has no AVG: sum, then divide)."""
+def align_grads_with_params(params: list[torch.nn.Parameter], tp_mesh: DeviceMesh) -> None:
+    """Gives every TP gradient its parameter's layout. Sequence parallel leaves the layernorms' gradients as
+    per-rank partial sums: they are summed over the TP group in one collective. A vocab-parallel
+    embedding's gradient comes back replicated: it is cut to the parameter's shard (no communication)."""
+    partial = []
+    for p in params:
+        g = p.grad
+        if not isinstance(g, DTensor) or g.device_mesh != tp_mesh or g.placements == p.placements:
+            continue
+        if g.placements[0].is_partial() and p.placements[0].is_replicate():
+            partial.append(p)
+        else:
+            p.grad = g.redistribute(placements=p.placements)
+    if partial:
+        summed = [p.grad.to_local() for p in partial]
+        all_reduce_flat(summed, tp_mesh.get_group())
+        for p, t in zip(partial, summed, strict=True):
+            p.grad = DTensor.from_local(t, tp_mesh, p.placements, run_check=False)
+
+
+def all_reduce_flat(tensors: list[torch.Tensor], group, divide_by: int = 1) -> None:
+    """Sums (then divides, for a mean: gloo has no AVG) tensors over a group with one collective."""
     flat = torch.cat([t.flatten() for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    flat /= size
+    if divide_by != 1:
+        flat /= divide_by
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+def clip_grad_norm(
+    params: list[torch.nn.Parameter],
+    max_norm: float,
+    pipeline_group=None,
+    duplicate: torch.nn.Parameter | None = None,
+) -> float:
     """torch's clip_grad_norm_ over any mix of plain and DTensor gradients (TP, FSDP, both): each parameter is
-    counted once, a sharded gradient's norm assembled over the mesh dimensions it is sharded on.
-    max_norm <= 0: measure only."""
-    grads = [p.grad for p in params if p.grad is not None]
+    counted once, a sharded gradient's norm assembled over the mesh dimensions it is sharded on. Pipeline
+    stages hold different parameters: their squared norms are summed over `pipeline_group`, where the last
+    stage's copy of a tied embedding (`duplicate`) is clipped but not counted. max_norm <= 0: measure only."""
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
     local = [local_tensor(g) for g in grads]
     norms = [torch.linalg.vector_norm(t) for t in local]
     by_groups: dict[tuple, list[int]] = {}
@@ -110,7 +177,15 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
             dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=group)
         for i, value in zip(members, squares.sqrt(), strict=True):
             norms[i] = value
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    counted = [n for n, p in zip(norms, params, strict=True) if p is not duplicate]
+    total_sq = torch.stack(counted).square().sum() if counted else torch.zeros((), device=norms[0].device)
+    if duplicate is not None and duplicate.grad is not None:
+        # Not counted, but an overflow in it still has to skip the step.
+        copy_norm = norms[next(i for i, p in enumerate(params) if p is duplicate)]
+        total_sq = total_sq + torch.where(torch.isfinite(copy_norm), 0.0, float("inf"))
+    if pipeline_group is not None:
+        dist.all_reduce(total_sq, op=dist.ReduceOp.SUM, group=pipeline_group)
+    total = total_sq.sqrt()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(local, coef)

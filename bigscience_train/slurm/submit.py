@@ -22,7 +22,7 @@ from bigscience_train.config import (
     load_config,
     to_yaml,
 )
-from bigscience_train.config.validate import file_problems, unsupported_problems
+from bigscience_train.config.validate import file_problems
 from bigscience_train.fsutil import atomic_write_text
 from bigscience_train.plan.estimate import layout_of, make_plan
 from bigscience_train.plan.report import fit_verdict, memory_breakdown
@@ -52,7 +52,6 @@ def check(cfg, label: str = "", memory: bool = True) -> None:
     """Every problem of the run and of its cluster preset, at once; and, unless `memory` is off, whether the
     planner predicts that the layout fits the device (with its breakdown when it does not)."""
     problems = config_problems(cfg, cluster_world_size(cfg.cluster)) + cluster_problems(cfg.cluster)
-    problems += unsupported_problems(cfg)
     if not any(p.startswith("data.blend") for p in problems):
         problems += file_problems(cfg)
     if memory and not problems:

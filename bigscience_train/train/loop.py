@@ -36,9 +36,17 @@ from bigscience_train.metrics.writer import MetricsWriter
 from bigscience_train.model import build_on_meta, count_parameters, materialize, shape_from_config
 from bigscience_train.parallel.data import apply_fsdp, set_gradient_sync
 from bigscience_train.parallel.env import ParallelEnv
+from bigscience_train.parallel.pipeline import (
+    Pipeline,
+    build_stage_parts,
+    local_stage_ids,
+    stage_layers,
+    theoretical_bubble,
+)
 from bigscience_train.parallel.recompute import apply_recompute
 from bigscience_train.parallel.tensor import (
-    all_reduce_mean,
+    align_grads_with_params,
+    all_reduce_flat,
     apply_tensor_parallel,
     average_replicated_grads,
     clip_grad_norm,
@@ -83,7 +91,8 @@ def build_optimizer(model: torch.nn.Module, optim_cfg, device: torch.device) -> 
             members = [p for p in params if isinstance(p, DTensor) == sharded and (p.ndim >= 2) == decay]
             if members:
                 groups.append({"params": members, "weight_decay": optim_cfg.weight_decay if decay else 0.0})
-    fused = device.type == "cuda"
+    # The fused kernel (one pass over each tensor) on GPUs, and on CPU where no parameter is a DTensor.
+    fused = device.type == "cuda" or not any(isinstance(p, DTensor) for p in params)
     return torch.optim.AdamW(
         groups,
         lr=optim_cfg.lr,
@@ -108,16 +117,24 @@ class Trainer:
             )
         self.shape = shape_from_config(cfg.model, penv.tp)
         seed_everything(tr.seed)
-        self.model = materialize(build_on_meta(self.shape), penv.device)
-        self.num_parameters = count_parameters(self.model)
-        apply_recompute(self.model, cfg.parallel.recompute.value)
-        if penv.tp > 1:
-            apply_tensor_parallel(self.model, penv.mesh["tp"])
+        self.num_parameters = count_parameters(build_on_meta(self.shape))
         self.fsdp = penv.dp > 1 and cfg.parallel.dp_shard.value != "none"
-        if self.fsdp:
-            apply_fsdp(self.model, penv.mesh["dp"], cfg.parallel.dp_shard.value)
+        parts = self._build_parts(cfg.parallel, tr.seed, tr.compile)
+        self.pipeline: Pipeline | None = None
+        if penv.pp > 1:
+            self.pipeline = Pipeline(
+                parts,
+                local_stage_ids(penv.pp_rank, penv.pp, cfg.parallel.virtual_stages),
+                penv.pp * cfg.parallel.virtual_stages,
+                penv.mesh["pp"],
+                penv.device,
+                cfg.parallel.pp_schedule,
+            )
+            self.model = self.pipeline.model
+        else:
+            self.model = parts[0]
         self.wrapped = self.model
-        if penv.dp > 1 and penv.tp == 1 and not self.fsdp:
+        if penv.dp > 1 and penv.tp == 1 and penv.pp == 1 and not self.fsdp:
             self.wrapped = DistributedDataParallel(self.model, process_group=penv.dp_group())
         self.params = list({id(p): p for p in self.model.parameters()}.values())
         self.optimizer = build_optimizer(self.model, cfg.optim, penv.device)
@@ -145,11 +162,38 @@ class Trainer:
             cfg.checkpoint.keep_last,
             cfg.checkpoint.keep_every,
             cfg.checkpoint.async_save,
+            self.pipeline.optimizer_aliases() if self.pipeline else {},
         )
         self.peak = peak_flops(cfg.cluster.device, self.dtype)
         self.stop_requests = StopRequests(tr.stop_signal, tr.kill_switch)
         self.writer = None
         self.carbon: NodeTracker | None = None
+
+    def _build_parts(self, par, seed: int, compile_blocks: bool) -> list:
+        """The model, or this rank's pipeline stages: each built on the meta device, allocated and initialised
+        on its own, then made recomputing, tensor-parallel, compiled and data-parallel from outside."""
+        penv = self.penv
+        if penv.pp > 1:
+            ranges = stage_layers(
+                self.shape.num_layers, penv.pp * par.virtual_stages, par.pp_count_embeddings
+            )
+            parts = build_stage_parts(
+                self.shape, [ranges[i] for i in local_stage_ids(penv.pp_rank, penv.pp, par.virtual_stages)]
+            )
+        else:
+            parts = [build_on_meta(self.shape)]
+        for part in parts:
+            materialize(part, penv.device, seed)
+            apply_recompute(part, par.recompute.value)
+            if penv.tp > 1:
+                apply_tensor_parallel(part, penv.mesh["tp"], par.sequence_parallel)
+            if compile_blocks:
+                # In place (Module.compile): parameter names, and so checkpoints, stay the same.
+                for block in part.transformer.h.values():
+                    block.compile()
+            if self.fsdp:
+                apply_fsdp(part, penv.mesh["dp"], par.dp_shard.value)
+        return parts
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def _micro_batches(self, dataset, consumed: int, global_batch: int):
@@ -160,9 +204,54 @@ class Trainer:
             batch = collate(dataset, indices)
             yield {k: v.to(self.penv.device, non_blocking=True) for k, v in batch.items()}
 
+    def _forward_backward(self, batches: list[dict], loss_scale: float, train: bool) -> torch.Tensor:
+        """Runs the micro-batches (backward too when training); returns [loss sum, token count, pipeline
+        bubble] of this rank, to be summed over the mesh."""
+        if self.pipeline is not None:
+            return self._pipeline_pass(batches, loss_scale, train)
+        total = torch.zeros(3, dtype=torch.float64, device=self.penv.device)
+        ddp = isinstance(self.wrapped, DistributedDataParallel)
+        for j, batch in enumerate(batches):
+            # DDP and FSDP reduce gradients only on the last micro-batch of the step.
+            last = j == len(batches) - 1
+            if self.fsdp and train:
+                set_gradient_sync(self.model, last)
+            no_sync = self.wrapped.no_sync() if ddp and train and not last else contextlib.nullcontext()
+            with no_sync:
+                with autocast(self.dtype, self.penv.device):
+                    logits = self.wrapped(batch["tokens"])
+                    loss_sum, count = masked_lm_loss_sum(logits, batch["labels"], batch["loss_mask"])
+                if train:
+                    ((loss_sum / count.clamp(min=1)) * (loss_scale / len(batches))).backward()
+            total[:2] += torch.stack([loss_sum.detach().double(), count.double()])
+        return total
+
+    def _pipeline_pass(self, batches: list[dict], loss_scale: float, train: bool) -> torch.Tensor:
+        num_micro = len(batches)
+        records: list[torch.Tensor] = []
+
+        def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            loss_sum, count = masked_lm_loss_sum(logits, target[..., 0], target[..., 1])
+            records.append(torch.stack([loss_sum.detach().double(), count.double()]))
+            return (loss_sum / count.clamp(min=1)) * (loss_scale / num_micro)
+
+        self.pipeline.loss_fn = loss_fn
+        tokens = torch.cat([b["tokens"] for b in batches])
+        # The schedule splits one target tensor into micro-batches: labels and loss mask travel together.
+        target = torch.stack(
+            [torch.cat([b["labels"] for b in batches]), torch.cat([b["loss_mask"] for b in batches]).long()],
+            -1,
+        )
+        total = torch.zeros(3, dtype=torch.float64, device=self.penv.device)
+        with autocast(self.dtype, self.penv.device):
+            total[2] = self.pipeline.run(tokens, target, num_micro, train)
+        # A new schedule's first pass also calls the loss once to infer gradient shapes: not a micro-batch.
+        for record in records[-num_micro:]:
+            total[:2] += record
+        return total
+
     def train_step(self) -> dict:
         gbs = self.batch_schedule.at(self.state.consumed_samples)
-        num_micro = gbs // (self.cfg.train.micro_batch_size * self.penv.dp)
         progress = self.state.consumed_tokens if self.lr_by_tokens else self.state.consumed_samples
         lr = self.lr_schedule.at(progress)
         for group in self.optimizer.param_groups:
@@ -170,31 +259,23 @@ class Trainer:
         self.wrapped.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_scale = self.scaler.scale if self.scaler else 1.0
-        total = torch.zeros(2, dtype=torch.float64, device=self.penv.device)
+        batches = list(self._micro_batches(self.splits.train, self.state.consumed_samples, gbs))
         with loss_context(self.penv.tp):
-            for j, batch in enumerate(
-                self._micro_batches(self.splits.train, self.state.consumed_samples, gbs)
-            ):
-                # DDP and FSDP reduce gradients only on the last micro-batch of the step.
-                last = j == num_micro - 1
-                if self.fsdp:
-                    set_gradient_sync(self.model, last)
-                ddp = isinstance(self.wrapped, DistributedDataParallel)
-                no_sync = self.wrapped.no_sync() if ddp and not last else contextlib.nullcontext()
-                with no_sync:
-                    with autocast(self.dtype, self.penv.device):
-                        logits = self.wrapped(batch["tokens"])
-                        loss_sum, count = masked_lm_loss_sum(logits, batch["labels"], batch["loss_mask"])
-                    ((loss_sum / count.clamp(min=1)) * (loss_scale / num_micro)).backward()
-                total += torch.stack([loss_sum.detach().double(), count.double()])
-        self.penv.dp_all_reduce_sum(total)
+            total = self._forward_backward(batches, loss_scale, train=True)
+        self.penv.all_reduce_sum(total)
         loss = (total[0] / total[1].clamp(min=1)).item()
 
         params = [p for p in self.params if p.grad is not None]
         self._reduce_grads(params)
         if loss_scale != 1.0:
             torch._foreach_mul_([local_tensor(p.grad) for p in params], 1.0 / loss_scale)
-        grad_norm = clip_grad_norm(params, self.cfg.optim.clip_grad)
+        pipeline = self.pipeline
+        grad_norm = clip_grad_norm(
+            params,
+            self.cfg.optim.clip_grad,
+            pipeline.group if pipeline else None,
+            pipeline.duplicate() if pipeline else None,
+        )
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         bad = self.penv.all_reduce_max([0.0 if finite else 1.0])[0] > 0
         if self.scaler is not None:
@@ -205,7 +286,7 @@ class Trainer:
         self.state.consumed_samples += gbs
         self.state.consumed_tokens += gbs * self.cfg.model.seq_length
         self.state.skipped_steps += int(bad)
-        return {
+        out = {
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -213,14 +294,24 @@ class Trainer:
             "skipped": bad,
             "loss_scale": loss_scale,
         }
+        if pipeline is not None:
+            out["pp_bubble"] = total[2].item() / (self.penv.pp * self.penv.dp)
+            out["pp_bubble_theory"] = theoretical_bubble(
+                self.penv.pp, len(batches), self.cfg.parallel.virtual_stages
+            )
+        return out
 
     def _reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Gradients DDP or FSDP do not already average: replicated ones over TP, all of them over DP when TP
-        runs without FSDP."""
+        """Gradients DDP or FSDP do not already average: replicated ones over TP, all of them over DP when
+        neither DDP nor FSDP runs; then the pipeline's two copies of tied embeddings get their sum."""
         if self.penv.tp > 1:
+            align_grads_with_params(params, self.penv.mesh["tp"])
             average_replicated_grads(params, self.penv.mesh["tp"])
-            if self.penv.dp > 1 and not self.fsdp:
-                all_reduce_mean([local_tensor(p.grad) for p in params], self.penv.dp_group(), self.penv.dp)
+        plain_dp = not self.fsdp and not isinstance(self.wrapped, DistributedDataParallel)
+        if self.penv.dp > 1 and plain_dp:
+            all_reduce_flat([local_tensor(p.grad) for p in params], self.penv.dp_group(), self.penv.dp)
+        if self.pipeline is not None:
+            self.pipeline.sum_tied_grads()
 
     # -- validation ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -229,16 +320,13 @@ class Trainer:
             return None
         self.wrapped.eval()
         gbs = self.cfg.train.global_batch_size
-        total = torch.zeros(2, dtype=torch.float64, device=self.penv.device)
+        total = torch.zeros(3, dtype=torch.float64, device=self.penv.device)
         # The same first eval_iters batches every time, so successive validation losses compare.
         for i in range(min(self.cfg.train.eval_iters, len(self.splits.valid) // gbs)):
-            for batch in self._micro_batches(self.splits.valid, i * gbs, gbs):
-                with loss_context(self.penv.tp), autocast(self.dtype, self.penv.device):
-                    loss_sum, count = masked_lm_loss_sum(
-                        self.wrapped(batch["tokens"]), batch["labels"], batch["loss_mask"]
-                    )
-                total += torch.stack([loss_sum.double(), count.double()])
-        self.penv.dp_all_reduce_sum(total)
+            batches = list(self._micro_batches(self.splits.valid, i * gbs, gbs))
+            with loss_context(self.penv.tp):
+                total += self._forward_backward(batches, 1.0, train=False)
+        self.penv.all_reduce_sum(total)
         if total[1] == 0:
             return None
         loss = (total[0] / total[1]).item()
@@ -432,6 +520,9 @@ class Trainer:
         }
         if self.scaler is not None:
             values["loss_scale"] = window[-1]["loss_scale"]
+        if self.pipeline is not None:
+            values["pp_bubble"] = sum(w["pp_bubble"] for w in window) / n
+            values["pp_bubble_theory"] = window[-1]["pp_bubble_theory"]
         if self.writer is not None:
             self.writer.log(self._record("train", values))
 

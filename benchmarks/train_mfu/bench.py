@@ -1,0 +1,80 @@
+"""MFU of gpt_1b3 (24 layers x 2048, seq 2048, ALiBi) training on one GPU: bf16, torch.compile per block.
+
+Ours runs `Trainer.train_step` (data from a .bin/.idx dataset, AdamW, clipping). MFU is model FLOPs
+(Megatron's formula) per second over the device's dense bf16 peak from its data sheet, and over a square bf16
+matmul measured in the same run. Needs a GPU: on a CPU it records that it was skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import report, time_per_call, write_result
+from benchmarks.train_throughput.bench import make_data
+from bigscience_train.config import load_config
+from bigscience_train.metrics.flops import flops_per_iteration, measured_matmul_peak, peak_flops
+from bigscience_train.parallel.env import init_parallel
+from bigscience_train.train.loop import Trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--device-name", default="h100", help="data-sheet peak to use: h100, h200, a100")
+    parser.add_argument(
+        "overrides", nargs="*", help="more Hydra overrides, e.g. parallel.recompute=selective"
+    )
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("train_mfu: needs a GPU, skipped")
+        write_result("train_mfu", {"figures": {}, "ratios": {}, "skipped": "needs a GPU"})
+        return
+    with tempfile.TemporaryDirectory() as d:
+        prefix, tokenizer = make_data(Path(d))
+        cfg = load_config(
+            [
+                "model=gpt_1b3",
+                "precision=bf16",
+                "train.compile=true",
+                f"train.micro_batch_size={args.micro_batch}",
+                f"train.global_batch_size={args.micro_batch}",
+                "train.iters=100000",
+                f"data.blend=[{prefix}]",
+                f"data.tokenizer={tokenizer}",
+                f"data.cache_dir={d}/cache",
+                f"run_dir={d}/run",
+                "logging.carbon=false",
+                *args.overrides,
+            ]
+        )
+        trainer = Trainer(cfg, init_parallel(1, 1, None))
+        seconds = time_per_call(trainer.train_step, warmup=3, repeats=args.steps)
+    m = cfg.model
+    flops = flops_per_iteration(
+        args.micro_batch, m.seq_length, m.num_layers, m.hidden_size, trainer.shape.vocab_size
+    )
+    spec = peak_flops(args.device_name, "bf16")
+    measured = measured_matmul_peak(torch.bfloat16, max_n=8192, seconds=2.0, device="cuda")
+    figures = {
+        "device": torch.cuda.get_device_name(),
+        "micro_batch": args.micro_batch,
+        "step_seconds": seconds,
+        "tokens_per_s": args.micro_batch * m.seq_length / seconds,
+        "model_tflops": flops / seconds / 1e12,
+        "matmul_peak_tflops": measured / 1e12,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+    ratios = {
+        "gpt_1b3 MFU vs data-sheet bf16 peak": {"value": flops / seconds / spec, "target": 0.45},
+        "gpt_1b3 MFU vs measured matmul peak": {"value": flops / seconds / measured, "target": 0.45},
+    }
+    report("train_mfu", figures, ratios)
+
+
+if __name__ == "__main__":
+    main()

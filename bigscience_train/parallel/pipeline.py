@@ -1,0 +1,186 @@
+"""Pipeline parallelism with torch.distributed.pipelining, applied to a GPT from outside.
+
+The model's blocks are split into pp x virtual_stages stages; stage s runs on pipeline rank s % pp (the
+looped placement interleaved 1F1B expects). Each stage is a GPT trimmed with `keep_layers`, so parameter
+names stay those of the whole model and checkpoints reshard across pipeline layouts by name. A rank's
+stages are gathered into one `rank_model` (the same modules, not copies) for the optimizer and checkpoints.
+
+Tied embeddings: the first stage holds the word embedding, the last the output layer, initialised equal;
+after each backward both receive the sum of the two gradients (Megatron's embedding group), so they stay
+equal. The gradient norm counts that weight once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
+
+from bigscience_train.model.gpt import GPT, GPTShape, build_on_meta
+from bigscience_train.parallel.tensor import local_tensor
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+
+
+def stage_layers(num_layers: int, stages: int, count_embeddings: bool) -> list[range]:
+    """Blocks per stage, evenly; with count_embeddings the embedding and the output layer each weigh one
+    block (BigScience's partition type:transformer|embedding), so the first and last stage get one less."""
+    units = num_layers + (2 if count_embeddings else 0)
+    per_stage = units // stages
+    bounds = [min(max(s * per_stage - int(count_embeddings), 0), num_layers) for s in range(stages + 1)]
+    bounds[-1] = num_layers
+    return [range(bounds[s], bounds[s + 1]) for s in range(stages)]
+
+
+def local_stage_ids(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
+    return [pp_rank + k * pp for k in range(virtual_stages)]
+
+
+def theoretical_bubble(pp: int, micro_batches: int, virtual_stages: int = 1) -> float:
+    """Idle fraction of a pipeline step: (pp - 1) / (v * m + pp - 1)."""
+    return (pp - 1) / (virtual_stages * micro_batches + pp - 1)
+
+
+def build_stage_parts(shape: GPTShape, ranges: list[range]) -> list[GPT]:
+    """The rank's stages on the meta device, to be parallelised and materialised by the caller."""
+    return [build_on_meta(shape).keep_layers(layers) for layers in ranges]
+
+
+def rank_model(parts: list[GPT]) -> GPT:
+    """One GPT holding every module of the rank's stages under their usual names (shared, not copied): the
+    optimizer and checkpoints see the rank's parameters as one model. Never run forward."""
+    if len(parts) == 1:
+        return parts[0]
+    whole = build_on_meta(parts[0].shape)
+    t = whole.transformer
+    t.h = nn.ModuleDict({name: block for part in parts for name, block in part.transformer.h.items()})
+    first, last = parts[0], parts[-1]
+    for name in ("word_embeddings", "position_embeddings", "word_embeddings_layernorm"):
+        if hasattr(t, name):
+            setattr(t, name, getattr(first.transformer, name))
+    t.ln_f, whole.lm_head = last.transformer.ln_f, last.lm_head
+    return whole
+
+
+class TimedStage(PipelineStage):
+    """A stage that adds up the time it computes, so that the rest of a step, the bubble, can be measured."""
+
+    busy_seconds = 0.0
+
+    def _timed(self, work: Callable, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return work(*args, **kwargs)
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.busy_seconds += time.perf_counter() - start
+
+    def forward_one_chunk(self, *args, **kwargs):
+        return self._timed(super().forward_one_chunk, *args, **kwargs)
+
+    def backward_one_chunk(self, *args, **kwargs):
+        return self._timed(super().backward_one_chunk, *args, **kwargs)
+
+
+class Pipeline:
+    """The rank's stages and one schedule per micro-batch count (batch-size ramp-up changes it)."""
+
+    def __init__(
+        self,
+        parts: list[GPT],
+        stage_ids: list[int],
+        num_stages: int,
+        pp_mesh: DeviceMesh,
+        device: torch.device,
+        schedule: str,
+    ):
+        self.parts, self.stage_ids, self.num_stages = parts, stage_ids, num_stages
+        self.group = pp_mesh.get_group()
+        self.pp = pp_mesh.size()
+        self.device, self.schedule_name = device, schedule
+        self.model = rank_model(parts)
+        self.has_first = 0 in stage_ids
+        self.has_last = num_stages - 1 in stage_ids
+        self._schedules: dict[int, tuple[list[TimedStage], object]] = {}
+        self.loss_fn: Callable | None = None
+
+    def _schedule(self, micro_batches: int):
+        if micro_batches not in self._schedules:
+            stages = [
+                TimedStage(part, sid, self.num_stages, self.device, group=self.group)
+                for part, sid in zip(self.parts, self.stage_ids, strict=True)
+            ]
+            cls = SCHEDULES[self.schedule_name]
+            # The loss function already divides by the micro-batch count (as the non-pipelined loop does).
+            loss = lambda output, target: self.loss_fn(output, target)  # noqa: E731
+            schedule = cls(
+                stages if cls is ScheduleInterleaved1F1B else stages[0],
+                micro_batches,
+                loss_fn=loss,
+                scale_grads=False,
+            )
+            self._schedules[micro_batches] = (stages, schedule)
+        return self._schedules[micro_batches]
+
+    def run(self, tokens: torch.Tensor, target: torch.Tensor, micro_batches: int, train: bool) -> float:
+        """One pass over the batch (split into micro-batches by the schedule): forward and backward when
+        training, forward only otherwise. The loss function sees each micro-batch's output on the last
+        stage. Returns this rank's idle fraction of the pass."""
+        stages, schedule = self._schedule(micro_batches)
+        for stage in stages:
+            stage.busy_seconds = 0.0
+        args = (tokens,) if self.has_first else ()
+        kwargs = {"target": target} if self.has_last else {}
+        start = time.perf_counter()
+        (schedule.step if train else schedule.eval)(*args, **kwargs)
+        elapsed = time.perf_counter() - start
+        return max(0.0, 1.0 - sum(s.busy_seconds for s in stages) / elapsed)
+
+    # -- tied embeddings ---------------------------------------------------------------------------------
+    def tied_copy(self) -> nn.Parameter | None:
+        """This rank's copy of the tied embedding, when the two copies live on different ranks."""
+        if not self.model.shape.tie_embeddings or self.pp == 1:
+            return None
+        if self.has_first:
+            return self.model.transformer.word_embeddings.weight
+        if self.has_last:
+            return self.model.lm_head.weight
+        return None
+
+    def duplicate(self) -> nn.Parameter | None:
+        """The copy the gradient norm must not count a second time: the last stage's."""
+        return self.tied_copy() if self.has_last and not self.has_first else None
+
+    def optimizer_aliases(self) -> dict[str, str]:
+        """The last stage's output layer is the embedding under another name: its optimizer state is saved
+        under the embedding's, as a single-stage model saves it."""
+        if self.duplicate() is not None:
+            return {"lm_head.weight": "transformer.word_embeddings.weight"}
+        return {}
+
+    def sum_tied_grads(self) -> None:
+        """First and last stage exchange their embedding gradients and both keep the sum."""
+        param = self.tied_copy()
+        if param is None:
+            return
+        grad = local_tensor(param.grad)
+        peer = dist.get_global_rank(self.group, self.pp - 1 if self.has_first else 0)
+        received = torch.empty_like(grad)
+        ops = [
+            dist.P2POp(dist.isend, grad.contiguous(), peer, self.group),
+            dist.P2POp(dist.irecv, received, peer, self.group),
+        ]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        grad += received
