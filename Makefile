@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= data,hf,dev,carbon,wandb
+EXTRAS ?= data,hf,dev,carbon,wandb,eval
 # GPU machines take whatever torch the package's range resolves to; CPU machines pin the local CPU build so
 # no CUDA wheels are downloaded.
 CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints/cpu.txt)
@@ -14,7 +14,7 @@ DEMO_NPROC ?= 2
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints/cpu.txt
+$(VENV)/.installed: pyproject.toml constraints/cpu.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $@
@@ -32,10 +32,11 @@ $(DEMO_DATA)/stdlib_text_document.idx: $(DEMO_DATA)/stdlib.jsonl $(DEMO_DATA)/to
 demo: install $(DEMO_DATA)/stdlib_text_document.idx
 	rm -rf runs/demo
 	$(BIN)/torchrun --standalone --nproc_per_node $(DEMO_NPROC) -m bigscience_train.train experiment=demo
+	$(BIN)/torchrun --standalone --nproc_per_node $(DEMO_NPROC) -m evaluation run=runs/demo
 	$(BIN)/bigscience report runs/demo
 
 test: install
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=25 tests
 
 lint: install
 	$(BIN)/ruff check .

@@ -146,18 +146,34 @@ def _slurm_submit(args: argparse.Namespace) -> int:
 
 
 def _slurm_sweep(args: argparse.Namespace) -> int:
-    from bigscience_train.slurm.submit import prepare_sweep, sbatch
+    from bigscience_train.slurm.submit import prepare_sweep
 
     prepared = prepare_sweep(args.overrides, args.max_parallel, force=args.force)
     root = prepared.records[0][0]
     runs = [str(d) for d, task in prepared.records if task is not None]
     print(f"{len(runs)} runs:\n" + "\n".join(f"  {r}" for r in runs))
-    if args.dry_run:
+    return _submit_array(prepared, "sweep", args.dry_run, root)
+
+
+def _submit_array(prepared, kind: str, dry_run: bool, follow: Path) -> int:
+    from bigscience_train.slurm.submit import sbatch
+
+    if dry_run:
         print(f"rendered {prepared.script_path} (not submitted: --dry-run)")
         return 0
-    job_id = sbatch(prepared, "sweep")
-    print(f"submitted array {job_id}: {prepared.script_path}\nfollow it: bigscience slurm status {root}")
+    job_id = sbatch(prepared, kind)
+    print(f"submitted array {job_id}: {prepared.script_path}\nfollow it: bigscience slurm status {follow}")
     return 0
+
+
+def _slurm_eval(args: argparse.Namespace) -> int:
+    from bigscience_train.slurm.submit import prepare_eval
+
+    prepared = prepare_eval(args.run, args.overrides, args.max_parallel)
+    if prepared is None:
+        print(f"every checkpoint of {args.run} is already evaluated on these tasks: nothing submitted")
+        return 0
+    return _submit_array(prepared, "eval", args.dry_run, Path(args.run))
 
 
 def _slurm_status(args: argparse.Namespace) -> int:
@@ -203,6 +219,12 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from evaluation.run import main as evaluate
+
+    return evaluate(args.overrides)
+
+
 def _report(args: argparse.Namespace) -> int:
     from bigscience_train.report.build import build_report
 
@@ -234,6 +256,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("overrides", nargs="*", help="Hydra overrides")
     train.set_defaults(func=_train)
+
+    ev = sub.add_parser(
+        "eval",
+        help="zero-shot lm-eval of a checkpoint, an HF directory or a run's checkpoints "
+        "(checkpoint=|hf=|run= tasks=[...] parallel.tp=...)",
+    )
+    ev.add_argument(
+        "overrides", nargs="*", help="checkpoint=DIR | hf=DIR | run=DIR, tasks=[...], Hydra overrides"
+    )
+    ev.set_defaults(func=_eval)
 
     data = sub.add_parser("data", help="corpus, tokenizer and Megatron .bin/.idx tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -349,6 +381,14 @@ def _parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="cluster overrides, e.g. cluster=slurm cluster.time=2:00:00"
     )
     sprep.set_defaults(func=_slurm_preprocess)
+    seval = ssub.add_parser(
+        "eval", help="an array evaluating each checkpoint of a run not yet evaluated on the tasks"
+    )
+    seval.add_argument("run", help="run directory")
+    seval.add_argument("--max-parallel", type=int, help="tasks running at once (the array's %%K)")
+    seval.add_argument("--dry-run", action="store_true", help="render only")
+    seval.add_argument("overrides", nargs="*", help="tasks=[...], parallel.tp=..., cluster overrides")
+    seval.set_defaults(func=_slurm_eval)
     return parser
 
 

@@ -242,3 +242,18 @@ def test_preprocessing_shards_as_an_array_then_merge(slurm_env, tiny_data, tmp_p
     for suffix in (".bin", ".idx"):
         merged = Path(f"{prefix}{suffix}").read_bytes()
         assert merged == Path(tiny_data["prefix"] + suffix).read_bytes(), logs(jobs_dir)
+
+
+def test_checkpoints_of_a_run_evaluated_as_an_array_once(slurm_env, tiny_data, tmp_path):
+    from tests.test_train import train
+
+    run = tmp_path / "run"
+    train(tiny_data, run, "train.iters=4", "checkpoint.interval=2")
+    args = ["slurm", "eval", str(run), "tasks=[stdlib_choice]", "limit=10", "cluster=local_dev"]
+    submitted_job(bigscience(slurm_env, *args, cwd=tmp_path))
+    wait_until_idle(slurm_env, run, tmp_path, timeout=300)
+    for step in ("step_0000002", "step_0000004"):
+        results = json.loads((run / "eval" / step / "results.json").read_text())
+        assert 0 <= results["results"]["stdlib_choice"]["acc,none"] <= 1, logs(run)
+    again = bigscience(slurm_env, *args, cwd=tmp_path)
+    assert again.returncode == 0 and "nothing submitted" in again.stdout

@@ -130,6 +130,13 @@ class TrainConfig:
     tokens: int | None = None
     eval_interval: int = 100
     eval_iters: int = 10
+    # Zero-shot tasks (bundled, or lm-eval's with cached data) scored every eval_tasks_interval steps, as
+    # BigScience did every 1k iterations: logged as metrics and written to RUN/eval/step_N/ like `bigscience
+    # eval` results. Needs the [eval] extra.
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_interval: int = 1000
+    # Documents per task (null: all).
+    eval_tasks_limit: int | None = None
     exit_duration_minutes: float | None = None
     # Megatron's --exit-interval: save and exit after a step divisible by this (the run resumes later).
     exit_interval: int | None = None
@@ -240,6 +247,29 @@ class ClusterConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`bigscience eval`: what to evaluate (one of checkpoint, hf, run) and how."""
+
+    # One checkpoint: a step directory, or the latest of a checkpoints/ or run directory.
+    checkpoint: str | None = None
+    # A Hugging Face BLOOM-style directory (safetensors), imported first.
+    hf: str | None = None
+    # Every committed checkpoint of a run directory, skipping those already evaluated on all the tasks.
+    run: str | None = None
+    # Bundled tasks (evaluation/tasks/*.yaml) or lm-eval task names whose data is in the local HF cache.
+    tasks: list[str] = field(default_factory=lambda: ["stdlib_cloze", "stdlib_choice"])
+    num_fewshot: int = 0
+    # Documents per task (null: all).
+    limit: int | None = None
+    # Scoring batches: rows x longest row, in tokens; and at most batch_size rows (null: no cap).
+    batch_tokens: int = 8192
+    batch_size: int | None = None
+    max_gen_tokens: int = 64
+    # Where results go (null: the run's eval/ folder; for hf, runs/eval/<directory name>/eval).
+    output: str | None = None
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     run_dir: str = "runs/${name}"
@@ -252,3 +282,4 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -134,6 +134,11 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
     need(tr.resume in RESUME_MODES, f"train.resume={tr.resume!r} is not one of {', '.join(RESUME_MODES)}")
     need(tr.eval_interval >= 1, f"train.eval_interval={tr.eval_interval} must be >= 1")
     need(tr.eval_iters >= 0, f"train.eval_iters={tr.eval_iters} must be >= 0")
+    need(tr.eval_tasks_interval >= 1, f"train.eval_tasks_interval={tr.eval_tasks_interval} must be >= 1")
+    need(
+        not tr.eval_tasks or par.pp == 1,
+        f"train.eval_tasks with parallel.pp={par.pp}: zero-shot tasks are scored at tp x dp layouts only",
+    )
     need(cfg.checkpoint.interval >= 1, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 1")
     for name in ("keep_last", "keep_every"):
         value = getattr(cfg.checkpoint, name)

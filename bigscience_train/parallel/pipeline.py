@@ -113,6 +113,7 @@ class Pipeline:
         self.has_first = 0 in stage_ids
         self.has_last = num_stages - 1 in stage_ids
         self._schedules: dict[int, tuple[list[TimedStage], object]] = {}
+        self._forward_schedules: dict[int, ScheduleGPipe] = {}
         self.loss_fn: Callable | None = None
 
     def _schedule(self, micro_batches: int):
@@ -123,15 +124,18 @@ class Pipeline:
             ]
             cls = SCHEDULES[self.schedule_name]
             # The loss function already divides by the micro-batch count (as the non-pipelined loop does).
-            loss = lambda output, target: self.loss_fn(output, target)  # noqa: E731
             schedule = cls(
                 stages if cls is ScheduleInterleaved1F1B else stages[0],
                 micro_batches,
-                loss_fn=loss,
+                loss_fn=self._loss,
                 scale_grads=False,
             )
             self._schedules[micro_batches] = (stages, schedule)
         return self._schedules[micro_batches]
+
+    def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # Set by the caller for each pass: its closure also records each micro-batch's loss and tokens.
+        return self.loss_fn(output, target)
 
     def run(self, tokens: torch.Tensor, target: torch.Tensor, micro_batches: int, train: bool) -> float:
         """One pass over the batch (split into micro-batches by the schedule): forward and backward when
@@ -146,6 +150,23 @@ class Pipeline:
         (schedule.step if train else schedule.eval)(*args, **kwargs)
         elapsed = time.perf_counter() - start
         return max(0.0, 1.0 - sum(s.busy_seconds for s in stages) / elapsed)
+
+    def forward_only(self, tokens: torch.Tensor | None, micro_batches: int) -> torch.Tensor | None:
+        """The last stage's outputs (logits) for a batch, forward only (evaluation); None on other ranks.
+        Every call of a given micro-batch count must have the same shape: stages size their buffers at the
+        first. One stage per rank (GPipe order)."""
+        if len(self.parts) != 1:
+            raise ValueError("forward-only passes run with one stage per rank (parallel.virtual_stages=1)")
+        if micro_batches not in self._forward_schedules:
+            stage = PipelineStage(
+                self.parts[0], self.stage_ids[0], self.num_stages, self.device, group=self.group
+            )
+            self._forward_schedules[micro_batches] = ScheduleGPipe(stage, micro_batches)
+        outputs = self._forward_schedules[micro_batches].step(*((tokens,) if self.has_first else ()))
+        return outputs if self.has_last else None
+
+    def last_stage_rank(self) -> int:
+        return dist.get_global_rank(self.group, (self.num_stages - 1) % self.pp)
 
     # -- tied embeddings ---------------------------------------------------------------------------------
     def tied_copy(self) -> nn.Parameter | None:

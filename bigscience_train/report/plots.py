@@ -111,10 +111,13 @@ def plot_carbon(data: RunData, path: Path) -> Path:
 
 
 def plot_eval(data: RunData, path: Path) -> Path:
-    fig, ax = _figure("Zero-shot evaluation", "training step", "score")
+    """Each task's metrics against training tokens (steps for results that do not record tokens)."""
+    by_tokens = all(row["tokens"] is not None for row in data.evals)
+    fig, ax = _figure("Zero-shot evaluation", "tokens" if by_tokens else "training step", "score")
     series: dict[str, list[tuple[int, float]]] = {}
     for row in data.evals:
-        series.setdefault(f"{row['task']} {row['metric']}", []).append((row["step"], row["value"]))
+        x = row["tokens"] if by_tokens else row["step"]
+        series.setdefault(f"{row['task']} {row['metric']}", []).append((x, row["value"]))
     for label, points in sorted(series.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, label=label)

@@ -25,10 +25,12 @@ OFFLINE_ENV = {
 _TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 # Slurm may send --signal up to this many seconds early: the ranks get that long on top to save and exit.
 SIGNAL_EARLY = 60
-# Arguments the job's shell expands: the array task's index, and the Python the script set.
+# Arguments the job's shell expands: the array task's index, the Python the script set, and the array task's
+# item when the script lists one per task (command_script's `per_task`).
 ARRAY_TASK = "${SLURM_ARRAY_TASK_ID}"
 PYTHON = "${PYTHON}"
-SHELL_VARS = (ARRAY_TASK, PYTHON)
+TASK_ITEM = "${TASK_ITEM}"
+SHELL_VARS = (ARRAY_TASK, PYTHON, TASK_ITEM)
 
 
 def q(value) -> str:
@@ -170,9 +172,15 @@ def training_script(
     return "\n".join(lines + training_body(job.cluster, stop_signal, chain)) + "\n"
 
 
-def command_script(job: Job, commands: list[list[str]]) -> str:
-    """Plain commands run one after the other on the first node (SHELL_VARS expand in the job)."""
-    return "\n".join([*header(job), "", *map(command_line, commands)]) + "\n"
+def command_script(job: Job, commands: list[list[str]], per_task: list[str] | None = None) -> str:
+    """Plain commands run one after the other on the first node (SHELL_VARS expand in the job); with
+    `per_task`, an array job's task i has TASK_ITEM set to per_task[i]."""
+    items = (
+        [bash_array("TASK_ITEMS", per_task), "TASK_ITEM=${TASK_ITEMS[$SLURM_ARRAY_TASK_ID]}"]
+        if per_task
+        else []
+    )
+    return "\n".join([*header(job), "", *items, *map(command_line, commands)]) + "\n"
 
 
 def write_script(path: Path, text: str) -> Path:

@@ -31,6 +31,7 @@ from bigscience_train.slurm.directives import cluster_problems
 from bigscience_train.slurm.script import (
     ARRAY_TASK,
     PYTHON,
+    TASK_ITEM,
     Job,
     command_script,
     training_script,
@@ -241,6 +242,46 @@ def prepare_preprocess(
         Prepared(write_script(jobs_dir / "slurm" / "shards.sbatch", shards_script), shards_script, records),
         Prepared(write_script(jobs_dir / "slurm" / "merge.sbatch", merge_script), merge_script, records),
     )
+
+
+def prepare_eval(run_dir: str, overrides: list[str], max_parallel: int | None = None) -> Prepared | None:
+    """One array task per checkpoint of the run not yet evaluated on the tasks (None: nothing left), each
+    `python -m evaluation checkpoint=...` on one node, under torchrun when the preset has several ranks
+    per node (the layout: parallel.tp, dp from the rest)."""
+    from evaluation.run import expand_short_keys, pending_checkpoints
+
+    cfg = load_config(expand_short_keys(overrides))
+    c = cfg.cluster
+    c.nodes, c.chain_jobs = 1, 1
+    problems = cluster_problems(c)
+    if problems:
+        raise ConfigError(problems)
+    python, workdir = _place(c)
+    run = Path(_absolute(workdir, run_dir))
+    output = Path(_absolute(workdir, cfg.eval.output)) if cfg.eval.output else None
+    steps = pending_checkpoints(run, list(cfg.eval.tasks), output or run / "eval")
+    if not steps:
+        return None
+    array = f"0-{len(steps) - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    job = Job(
+        f"{run.name}-eval",
+        c,
+        python,
+        str(workdir),
+        str(run / "slurm" / "logs" / "%x-%A_%a.out"),
+        1,
+        array,
+        None,
+        f"Evaluate {len(steps)} checkpoint(s) of {run} on {', '.join(cfg.eval.tasks)}",
+    )
+    launcher = [PYTHON, "-m"]
+    if c.procs_per_node > 1:
+        launcher += ["torch.distributed.run", "--standalone", f"--nproc_per_node={c.procs_per_node}", "-m"]
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+") not in ("run", "checkpoint", "hf")]
+    script = command_script(
+        job, [[*launcher, "evaluation", f"checkpoint={TASK_ITEM}", *kept]], [str(s) for s in steps]
+    )
+    return Prepared(write_script(run / "slurm" / "eval.sbatch", script), script, [(run, None)])
 
 
 def active_jobs(run_dir: Path) -> list[str]:

@@ -33,21 +33,14 @@ from bigscience_train.fsutil import atomic_write_text
 from bigscience_train.last_stop import FINISHED_STOPS, write_last_stop
 from bigscience_train.metrics.flops import flops_per_iteration, peak_flops
 from bigscience_train.metrics.writer import MetricsWriter
-from bigscience_train.model import build_on_meta, count_parameters, materialize, shape_from_config
-from bigscience_train.parallel.data import apply_fsdp, set_gradient_sync
+from bigscience_train.model import build_on_meta, count_parameters, shape_from_config
+from bigscience_train.parallel.build import build_parallel_model
+from bigscience_train.parallel.data import set_gradient_sync
 from bigscience_train.parallel.env import ParallelEnv
-from bigscience_train.parallel.pipeline import (
-    Pipeline,
-    build_stage_parts,
-    local_stage_ids,
-    stage_layers,
-    theoretical_bubble,
-)
-from bigscience_train.parallel.recompute import apply_recompute
+from bigscience_train.parallel.pipeline import theoretical_bubble
 from bigscience_train.parallel.tensor import (
     align_grads_with_params,
     all_reduce_flat,
-    apply_tensor_parallel,
     average_replicated_grads,
     clip_grad_norm,
     local_tensor,
@@ -57,6 +50,8 @@ from bigscience_train.train.loss import masked_lm_loss_sum
 from bigscience_train.train.precision import DynamicLossScaler, autocast
 from bigscience_train.train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples
 from bigscience_train.train.stop import StopRequests
+from evaluation.run import run_tasks, write_results
+from evaluation.tasks import task_specs
 
 # Stops that interrupt a run (it continues in a later job), in order of precedence.
 EXTERNAL_STOPS = ("kill_switch", "signal", "exit_duration")
@@ -118,21 +113,8 @@ class Trainer:
         self.shape = shape_from_config(cfg.model, penv.tp)
         seed_everything(tr.seed)
         self.num_parameters = count_parameters(build_on_meta(self.shape))
-        self.fsdp = penv.dp > 1 and cfg.parallel.dp_shard.value != "none"
-        parts = self._build_parts(cfg.parallel, tr.seed, tr.compile)
-        self.pipeline: Pipeline | None = None
-        if penv.pp > 1:
-            self.pipeline = Pipeline(
-                parts,
-                local_stage_ids(penv.pp_rank, penv.pp, cfg.parallel.virtual_stages),
-                penv.pp * cfg.parallel.virtual_stages,
-                penv.mesh["pp"],
-                penv.device,
-                cfg.parallel.pp_schedule,
-            )
-            self.model = self.pipeline.model
-        else:
-            self.model = parts[0]
+        built = build_parallel_model(self.shape, cfg.parallel, penv, tr.seed, tr.compile)
+        self.model, self.pipeline, self.fsdp = built.model, built.pipeline, built.fsdp
         self.wrapped = self.model
         if penv.dp > 1 and penv.tp == 1 and penv.pp == 1 and not self.fsdp:
             self.wrapped = DistributedDataParallel(self.model, process_group=penv.dp_group())
@@ -166,34 +148,10 @@ class Trainer:
         )
         self.peak = peak_flops(cfg.cluster.device, self.dtype)
         self.stop_requests = StopRequests(tr.stop_signal, tr.kill_switch)
+        # Resolved (and their data checked) now: a missing dataset fails before the first step.
+        self.task_specs = task_specs(list(tr.eval_tasks)) if tr.eval_tasks else []
         self.writer = None
         self.carbon: NodeTracker | None = None
-
-    def _build_parts(self, par, seed: int, compile_blocks: bool) -> list:
-        """The model, or this rank's pipeline stages: each built on the meta device, allocated and initialised
-        on its own, then made recomputing, tensor-parallel, compiled and data-parallel from outside."""
-        penv = self.penv
-        if penv.pp > 1:
-            ranges = stage_layers(
-                self.shape.num_layers, penv.pp * par.virtual_stages, par.pp_count_embeddings
-            )
-            parts = build_stage_parts(
-                self.shape, [ranges[i] for i in local_stage_ids(penv.pp_rank, penv.pp, par.virtual_stages)]
-            )
-        else:
-            parts = [build_on_meta(self.shape)]
-        for part in parts:
-            materialize(part, penv.device, seed)
-            apply_recompute(part, par.recompute.value)
-            if penv.tp > 1:
-                apply_tensor_parallel(part, penv.mesh["tp"], par.sequence_parallel)
-            if compile_blocks:
-                # In place (Module.compile): parameter names, and so checkpoints, stay the same.
-                for block in part.transformer.h.values():
-                    block.compile()
-            if self.fsdp:
-                apply_fsdp(part, penv.mesh["dp"], par.dp_shard.value)
-        return parts
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def _micro_batches(self, dataset, consumed: int, global_batch: int):
@@ -464,6 +422,8 @@ class Trainer:
                     window = []
                 if self.state.step % tr.eval_interval == 0:
                     last_val = self._log_eval() or last_val
+                if self.task_specs and self.state.step % tr.eval_tasks_interval == 0:
+                    self._log_tasks()
                 if self.state.step % cfg.checkpoint.interval == 0:
                     saved = self._save()
             if window:
@@ -525,6 +485,28 @@ class Trainer:
             values["pp_bubble_theory"] = window[-1]["pp_bubble_theory"]
         if self.writer is not None:
             self.writer.log(self._record("train", values))
+
+    def _log_tasks(self) -> None:
+        """Zero-shot tasks on the live model: metrics, and RUN/eval/step_N/ as `bigscience eval` writes it."""
+        from evaluation.lm import BigScienceLM  # lm-eval: the [eval] extra, loaded only when asked for
+
+        lm = BigScienceLM(self.model, self.tokenizer, self.penv, self.dtype, shard_requests=not self.fsdp)
+        results = run_tasks(lm, self.task_specs, 0, self.cfg.train.eval_tasks_limit, bootstrap_iters=0)
+        if self.writer is None:
+            return
+        values = {
+            f"{task}/{key.split(',')[0]}": value
+            for task, metrics in results["results"].items()
+            for key, value in metrics.items()
+            if isinstance(value, float) and "stderr" not in key
+        }
+        self.writer.log(self._record("tasks", values))
+        info = {
+            "run": str(self.run_dir),
+            "step": self.state.step,
+            "consumed_tokens": self.state.consumed_tokens,
+        }
+        write_results(self.run_dir / "eval" / step_dir_name(self.state.step), results, info)
 
     def _log_eval(self) -> float | None:
         values = self.evaluate()

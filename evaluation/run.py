@@ -1,0 +1,197 @@
+"""`bigscience eval`: zero-shot lm-eval of one checkpoint, of a Hugging Face directory, or of every checkpoint
+of a run, at the layout the overrides give (parallel.tp, dp from the world size; one process or torchrun).
+
+    bigscience eval checkpoint=runs/demo/checkpoints/step_0000200 tasks=[stdlib_cloze,stdlib_choice]
+    bigscience eval run=runs/demo                       # each checkpoint not yet evaluated on these tasks
+    bigscience eval hf=/path/to/bloom-560m tasks=[lambada_openai] precision=bf16
+    torchrun --nproc_per_node 2 -m evaluation checkpoint=... parallel.tp=2
+
+Results: RUN/eval/step_N/results.json (lm-eval's, with the checkpoint's step and tokens) and results.md (a
+table of each metric and its stderr), each written atomically; a later evaluation of other tasks on the same
+checkpoint adds to them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from bigscience_train.checkpoint.paths import committed_steps, step_dir_name
+from bigscience_train.checkpoint.reader import read_meta, resolve_checkpoint
+from bigscience_train.config import load_config, load_config_file
+from bigscience_train.fsutil import atomic_write_text
+
+# Short names `bigscience eval` takes for the eval.* settings.
+SHORT_KEYS = (
+    "checkpoint",
+    "hf",
+    "run",
+    "tasks",
+    "num_fewshot",
+    "limit",
+    "batch_tokens",
+    "max_gen_tokens",
+    "output",
+)
+# Sections of the saved training config that the evaluation's overrides may change.
+LAYOUT_SECTIONS = ("parallel", "precision")
+MERGED_KEYS = ("results", "versions", "n-shot", "higher_is_better", "configs", "n-samples")
+
+
+def expand_short_keys(overrides: list[str]) -> list[str]:
+    """checkpoint=X -> eval.checkpoint=X, and so on (`checkpoint` alone is the training config's group)."""
+    return [f"eval.{o}" if o.split("=", 1)[0].lstrip("+") in SHORT_KEYS else o for o in overrides]
+
+
+def evaluated_tasks(result_dir: Path) -> set[str]:
+    path = result_dir / "results.json"
+    return set(json.loads(path.read_text()).get("results", {})) if path.is_file() else set()
+
+
+def pending_checkpoints(run_dir: Path, tasks: list[str], eval_root: Path) -> list[Path]:
+    """The run's committed checkpoints, oldest first, without those already evaluated on every task."""
+    root = run_dir / "checkpoints"
+    steps = [root / step_dir_name(s) for s in committed_steps(root)] if root.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"{run_dir} has no committed checkpoints (looked in {root})")
+    return [s for s in steps if not set(tasks) <= evaluated_tasks(eval_root / s.name)]
+
+
+def model_config(step_dir: Path, cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The checkpoint's own config, with the layout and precision the evaluation asks for."""
+    saved = load_config_file(step_dir / "config.yaml")
+    for section in LAYOUT_SECTIONS:
+        if any(o.lstrip("+").startswith(section) for o in overrides):
+            saved[section] = cfg[section]
+    saved.parallel.dp_shard = "none"  # replicas score different requests: no FSDP collectives in forward
+    saved.parallel.recompute = "none"
+    return saved
+
+
+def checkpoint_info(checkpoint: Path) -> dict:
+    meta = read_meta(checkpoint)
+    return {
+        "checkpoint": str(checkpoint),
+        "step": meta.get("step"),
+        "consumed_tokens": meta.get("consumed_tokens"),
+    }
+
+
+def write_results(result_dir: Path, results: dict, info: dict) -> Path:
+    """Merges lm-eval's `results` into results.json and results.md of `result_dir` (each replaced atomically);
+    `info`: what was evaluated (checkpoint or run, step, consumed_tokens)."""
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    path = result_dir / "results.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    for key in MERGED_KEYS:
+        merged[key] = {**merged.get(key, {}), **results.get(key, {})}
+    merged.update(info, config=results.get("config", {}))
+    result_dir.mkdir(parents=True, exist_ok=True)
+    what = info.get("checkpoint") or info.get("run")
+    header = f"# {what} (step {info.get('step')}, {info.get('consumed_tokens') or 0:,} tokens)\n\n"
+    atomic_write_text(result_dir / "results.md", header + make_table(merged) + "\n")
+    atomic_write_text(path, json.dumps(merged, indent=2, default=handle_non_serializable) + "\n")
+    return path
+
+
+def evaluate_checkpoint(step_dir: Path, cfg: DictConfig, overrides: list[str], penv, specs: list) -> dict:
+    """lm-eval's results for one checkpoint, loaded at this process's layout (every rank returns them)."""
+    from bigscience_train.checkpoint.dcp import CheckpointManager
+    from bigscience_train.data.tokenizer import Tokenizer
+    from bigscience_train.model import shape_from_config
+    from bigscience_train.parallel.build import build_parallel_model
+    from evaluation.lm import BigScienceLM
+
+    saved = model_config(step_dir, cfg, overrides)
+    built = build_parallel_model(shape_from_config(saved.model, penv.tp), saved.parallel, penv, seed=0)
+    CheckpointManager(step_dir.parent, penv).load_weights(step_dir, built.model)
+    lm = BigScienceLM(
+        built.model,
+        Tokenizer(saved.data.tokenizer),
+        penv,
+        saved.precision.dtype.value,
+        cfg.eval.batch_tokens,
+        cfg.eval.max_gen_tokens,
+        batch_size=cfg.eval.batch_size,
+        pipeline=built.pipeline,
+    )
+    return run_tasks(lm, specs, cfg.eval.num_fewshot, cfg.eval.limit)
+
+
+def run_tasks(lm, specs: list, num_fewshot: int, limit: int | None, bootstrap_iters: int = 1000) -> dict:
+    from lm_eval import simple_evaluate
+
+    return simple_evaluate(
+        model=lm,
+        tasks=specs,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        log_samples=False,
+        bootstrap_iters=bootstrap_iters,
+        verbosity="WARNING",
+    )
+
+
+def targets(cfg: DictConfig, penv) -> tuple[list[Path], Path | None]:
+    """The checkpoints to evaluate, and where results go (None: each run's own eval/ folder)."""
+    ev = cfg.eval
+    chosen = [name for name in ("checkpoint", "hf", "run") if ev[name]]
+    if len(chosen) != 1:
+        raise ValueError("give exactly one of checkpoint=STEP_DIR, hf=HF_DIR or run=RUN_DIR")
+    output = Path(ev.output) if ev.output else None
+    if ev.checkpoint:
+        return [resolve_checkpoint(ev.checkpoint)], output
+    if ev.run:
+        root = output or Path(ev.run) / "eval"
+        return pending_checkpoints(Path(ev.run), list(ev.tasks), root), output
+    return [imported(Path(ev.hf), penv)], output or Path("runs/eval") / Path(ev.hf).name / "eval"
+
+
+def imported(hf_dir: Path, penv) -> Path:
+    """A Hugging Face directory as one of our checkpoints (rank 0 converts it, tensor by tensor)."""
+    from bigscience_train.checkpoint.hf_import import import_hf
+
+    out = (
+        Path(tempfile.gettempdir())
+        / f"bigscience-eval-{os.getuid()}"
+        / hf_dir.resolve().as_posix().strip("/")
+    )
+    out = out.with_name(out.name + f"-{int(hf_dir.stat().st_mtime)}")
+    if penv.is_rank0 and not out.exists():
+        import_hf(hf_dir, out)
+    penv.barrier()
+    return resolve_checkpoint(out)
+
+
+def main(overrides: list[str]) -> int:
+    # Compute nodes have no internet: datasets and models come from local caches only.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from bigscience_train.parallel.env import init_parallel, shutdown
+    from evaluation.tasks import task_specs
+
+    overrides = expand_short_keys(overrides)
+    cfg = load_config(overrides)
+    specs = task_specs(list(cfg.eval.tasks))
+    if cfg.parallel.virtual_stages > 1:
+        raise ValueError("parallel.virtual_stages > 1: evaluation runs one pipeline stage per rank")
+    penv = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp)
+    try:
+        steps, output = targets(cfg, penv)
+        for step_dir in steps:
+            results = evaluate_checkpoint(step_dir, cfg, overrides, penv, specs)
+            if penv.is_rank0:
+                result_dir = (output or step_dir.parent.parent / "eval") / step_dir.name
+                path = write_results(result_dir, results, checkpoint_info(step_dir))
+                print((result_dir / "results.md").read_text())
+                print(f"results: {path}")
+        if not steps and penv.is_rank0:
+            print("every checkpoint is already evaluated on these tasks")
+    finally:
+        shutdown()
+    return 0

@@ -1,0 +1,79 @@
+"""Task names to what lm-eval takes: the bundled tasks (this folder's YAML, with its data files made absolute)
+as config dicts, standard lm-eval tasks by name once their Hugging Face dataset is known to be in the local
+cache. Compute nodes have no internet: a missing dataset fails here, at once, with how to fetch it."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+
+
+class TaskDataMissing(RuntimeError):
+    pass
+
+
+def bundled() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(HERE.glob("*.yaml"))}
+
+
+def bundled_config(path: Path) -> dict:
+    config = yaml.safe_load(path.read_text())
+    files = config.get("dataset_kwargs", {}).get("data_files", {})
+    for split, name in files.items():
+        files[split] = str(path.parent / name)
+    return config
+
+
+@functools.cache
+def lm_eval_index() -> dict:
+    """lm-eval's task index (it reads thousands of YAML files: once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager().task_index
+
+
+def standard_dataset(name: str) -> tuple[str, str | None]:
+    """(dataset path, config name) of an lm-eval task, from its YAML (includes resolved)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = lm_eval_index().get(name)
+    if entry is None or entry.yaml_path is None:
+        raise ValueError(
+            f"unknown task {name!r}: not bundled ({', '.join(bundled())}) and not an lm-eval task"
+        )
+    config = load_yaml(entry.yaml_path, resolve_func=False)
+    return config["dataset_path"], config.get("dataset_name")
+
+
+def check_cached(task: str, path: str, config_name: str | None) -> None:
+    import datasets
+
+    try:
+        datasets.load_dataset_builder(path, config_name)
+    except Exception as e:
+        fetch = f"datasets.load_dataset({path!r}" + (f", {config_name!r}" if config_name else "") + ")"
+        raise TaskDataMissing(
+            f"task {task} needs the Hugging Face dataset {path}"
+            + (f" ({config_name})" if config_name else "")
+            + f", which is not in the local datasets cache ({datasets.config.HF_DATASETS_CACHE}): {e.__class__.__name__}.\n"
+            f'  On a login node with internet: python -c "import datasets; {fetch}"\n'
+            "  then evaluate on compute nodes with HF_DATASETS_OFFLINE=1 (the same cache directory)."
+        ) from None
+
+
+def task_specs(names: list[str]) -> list[dict | str]:
+    """What lm-eval's simple_evaluate(tasks=...) takes, for each name; every standard task's data checked
+    first, so a missing one fails before any model is loaded."""
+    local = bundled()
+    specs: list[dict | str] = []
+    for name in names:
+        if name in local:
+            specs.append(bundled_config(local[name]))
+        else:
+            check_cached(name, *standard_dataset(name))
+            specs.append(name)
+    return specs

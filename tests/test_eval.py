@@ -1,0 +1,192 @@
+"""Zero-shot evaluation: the lm-eval adapter's numbers, at several layouts, and against lm-eval's hf backend."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bigscience_train.checkpoint.hf_export import export_hf
+from bigscience_train.data.tokenizer import Tokenizer
+from bigscience_train.model import GPTShape, build_on_meta, materialize
+from bigscience_train.parallel.env import init_parallel
+from evaluation.lm import BigScienceLM
+from evaluation.run import pending_checkpoints
+from evaluation.tasks import TaskDataMissing, bundled, bundled_config, task_specs
+from tests.conftest import read_metrics, run_cli
+from tests.test_train import train
+
+TASKS = "tasks=[stdlib_cloze,stdlib_choice]"
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_data):
+    shape = GPTShape(num_layers=2, hidden_size=64, num_heads=4, seq_length=32, vocab_size=512)
+    model = materialize(build_on_meta(shape), seed=5).eval()
+    return BigScienceLM(model, Tokenizer(tiny_data["tokenizer"]), init_parallel(1, 1, None), batch_tokens=100)
+
+
+def direct_logprob(model, tokens: list[int], n: int) -> tuple[float, bool]:
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([tokens[:-1]])).float(), -1)[0]
+    positions = range(len(tokens) - 1 - n, len(tokens) - 1)
+    picked = [logp[p, tokens[p + 1]].item() for p in positions]
+    greedy = all(logp[p].argmax().item() == tokens[p + 1] for p in positions)
+    return sum(picked), greedy
+
+
+def test_loglikelihoods_equal_a_direct_computation_from_the_logits(lm):
+    g = torch.Generator().manual_seed(0)
+    requests = []
+    for length, n in [(5, 1), (12, 3), (20, 7), (31, 2), (45, 4)]:  # the last one is longer than the context
+        tokens = torch.randint(0, 500, (length,), generator=g).tolist()
+        requests.append((("", ""), tokens[:-n], tokens[-n:]))
+    scores = lm._loglikelihood_tokens(requests)
+    for (_, context, continuation), (logprob, greedy) in zip(requests, scores, strict=True):
+        kept = (context + continuation)[-33:]
+        expected, expected_greedy = direct_logprob(lm.model, kept, len(continuation))
+        assert logprob == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
+    # Batches of other sizes (the token budget) give the same numbers.
+    lm.batch_tokens = 10_000
+    assert [s for s, _ in lm._loglikelihood_tokens(requests)] == pytest.approx(
+        [s for s, _ in scores], abs=1e-5
+    )
+
+
+def test_rolling_loglikelihood_and_greedy_generation(lm):
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    text = "def f(x):\n    return x + 1\n"
+    tokens = lm.tok_encode(text)
+    assert len(tokens) < 32
+    (total,) = lm.loglikelihood_rolling([Req(text)])
+    # One window: every token, conditioned on the end-of-document token and the tokens before it.
+    assert total == pytest.approx(
+        direct_logprob(lm.model, [lm.eot_token_id, *tokens], len(tokens))[0], abs=1e-4
+    )
+    (long_total,) = lm.loglikelihood_rolling([Req(text * 6)])
+    assert long_total < total
+
+    (generated,) = lm.generate_until([Req("def f(x):", {"until": ["\n\n"], "max_gen_toks": 5})])
+    ids = lm.tok_encode("def f(x):")
+    for _ in range(5):
+        with torch.no_grad():
+            nxt = lm.model(torch.tensor([ids[-32:]]))[0, -1].argmax().item()
+        if nxt == lm.eot_token_id:
+            break
+        ids.append(nxt)
+    assert generated == lm.tok.decode(ids[len(lm.tok_encode("def f(x):")) :]).split("\n\n")[0]
+
+
+def test_standard_tasks_without_cached_data_fail_fast_with_how_to_fetch(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(
+        TaskDataMissing, match=r"(?s)piqa needs the Hugging Face dataset baber/piqa.*login node"
+    ):
+        task_specs(["stdlib_cloze", "piqa"])
+    with pytest.raises(ValueError, match="unknown task 'no_such_task'"):
+        task_specs(["no_such_task"])
+    assert set(bundled()) == {"stdlib_cloze", "stdlib_choice"}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("eval") / "run"
+    train(tiny_data, run, "train.iters=30", "checkpoint.interval=15")
+    return run
+
+
+def results(path) -> dict:
+    return {
+        (task, key): value
+        for task, metrics in json.loads(path.read_text())["results"].items()
+        for key, value in metrics.items()
+        if isinstance(value, float) and "stderr" not in key
+    }
+
+
+def test_same_results_at_every_layout_and_a_run_is_evaluated_once(tiny_data, trained_run, tmp_path):
+    step = trained_run / "checkpoints" / "step_0000030"
+    found = {}
+    layouts = [
+        ("single", [], 1),
+        ("tp2", ["parallel.tp=2"], 2),
+        ("pp2", ["parallel.pp=2"], 2),
+        ("dp2", [], 2),
+    ]
+    for name, overrides, nproc in layouts:
+        out = run_cli(
+            ["eval", f"checkpoint={step}", TASKS, "limit=40", f"output={tmp_path / name}", *overrides], nproc
+        )
+        assert out.returncode == 0, out.stderr
+        found[name] = results(tmp_path / name / "step_0000030" / "results.json")
+    reference = found["single"]
+    assert {task for task, _ in reference} == {"stdlib_cloze", "stdlib_choice"}
+    for name, values in found.items():
+        assert values.keys() == reference.keys(), name
+        for key, value in values.items():
+            assert value == pytest.approx(reference[key], rel=1e-4), (name, key)
+
+    # The whole run: both checkpoints; a second pass finds nothing left to do.
+    out = run_cli(["eval", f"run={trained_run}", "tasks=[stdlib_choice]", "limit=20"])
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (trained_run / "eval").iterdir()) == ["step_0000015", "step_0000030"]
+    data = json.loads((trained_run / "eval" / "step_0000030" / "results.json").read_text())
+    assert data["step"] == 30 and data["consumed_tokens"] == 30 * 8 * 64
+    assert "| acc " in (trained_run / "eval" / "step_0000030" / "results.md").read_text().replace(
+        "|acc", "| acc "
+    )
+    assert pending_checkpoints(trained_run, ["stdlib_choice"], trained_run / "eval") == []
+    assert len(pending_checkpoints(trained_run, ["stdlib_choice", "stdlib_cloze"], trained_run / "eval")) == 2
+    report = run_cli(["report", str(trained_run)])
+    assert report.returncode == 0, report.stderr
+    assert "stdlib_choice" in (trained_run / "report" / "index.html").read_text()
+    assert (trained_run / "report" / "eval.png").is_file()
+
+
+def test_our_adapter_and_lm_evals_hf_backend_agree_on_the_exported_model(trained_run, tmp_path, monkeypatch):
+    from lm_eval import simple_evaluate
+
+    from bigscience_train.config import load_config
+    from evaluation.run import evaluate_checkpoint
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    step = trained_run / "checkpoints" / "step_0000030"
+    exported = export_hf(step, tmp_path / "hf")
+    specs = [bundled_config(bundled()[name]) for name in ("stdlib_choice", "stdlib_cloze")]
+    common = {"tasks": specs, "limit": 40, "log_samples": False, "bootstrap_iters": 0, "verbosity": "WARNING"}
+    theirs = simple_evaluate(
+        model="hf", model_args=f"pretrained={exported},dtype=float32", device="cpu", batch_size=8, **common
+    )
+    cfg = load_config(["eval.limit=40"])
+    ours = evaluate_checkpoint(step, cfg, [], init_parallel(1, 1, None), specs)
+    for task in ("stdlib_choice", "stdlib_cloze"):
+        assert ours["results"][task]["acc,none"] == theirs["results"][task]["acc,none"]
+    # Perplexity: exp of a mean log-likelihood near -25 here; the two models' float rounding differs.
+    assert math.log(ours["results"]["stdlib_cloze"]["perplexity,none"]) == pytest.approx(
+        math.log(theirs["results"]["stdlib_cloze"]["perplexity,none"]), rel=1e-3
+    )
+
+
+def test_tasks_scored_during_training_are_logged_and_written_like_eval_results(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(
+        tiny_data,
+        run,
+        "train.iters=10",
+        "train.eval_tasks=[stdlib_choice]",
+        "train.eval_tasks_interval=5",
+        "train.eval_tasks_limit=20",
+    )
+    records = read_metrics(run, "tasks")
+    assert [r["step"] for r in records] == [5, 10]
+    assert all(0 <= r["stdlib_choice/acc"] <= 1 for r in records)
+    data = json.loads((run / "eval" / "step_0000010" / "results.json").read_text())
+    assert (
+        data["step"] == 10
+        and data["results"]["stdlib_choice"]["acc,none"] == records[-1]["stdlib_choice/acc"]
+    )
