@@ -177,13 +177,13 @@ def test_tasks_scored_during_training_are_logged_and_written_like_eval_results(t
     train(
         tiny_data,
         run,
-        "train.iters=10",
+        "train.iters=4",
         "train.eval_tasks=[stdlib_choice]",
-        "train.eval_tasks_interval=5",
-        "train.eval_tasks_limit=20",
+        "train.eval_tasks_interval=2",
+        "train.eval_tasks_limit=10",
     )
     records = read_metrics(run, "tasks")
-    assert [r["step"] for r in records] == [5, 10]
+    assert [r["step"] for r in records] == [2, 4]
     assert all(0 <= r["stdlib_choice/acc"] <= 1 for r in records)
     data = json.loads((run / "eval" / "step_0000010" / "results.json").read_text())
     assert (
