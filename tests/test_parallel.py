@@ -85,16 +85,14 @@ LAYOUTS = {
 # Each layout and each feature at least once, within the suite's time: (1,2,2) and (2,2,1) are also compared
 # by the resume tests below (saved at (2,2,1), resumed at (1,2,2)); FSDP over dp alone is a special case of
 # FSDP composed with tp or pp (and test_train compares (1,1,2) with DDP); 1F1B runs in (2,2,1)-sp and in the
-# resumed (1,2,2).
+# resumed (1,2,2); sequence parallel in (2,2,1)-sp. GPipe and (2,1,1)-sp are in LAYOUTS for runs by hand.
 COMPARED = [
     "(2,1,1)",
     "(2,1,2)",
     "(2,1,2)-zero3",
-    "(1,2,1)-gpipe",
     "(1,2,1)-interleaved",
     "(1,2,2)-zero2",
     "(1,2,2)-zero3-interleaved",
-    "(2,1,1)-sp",
     "(2,2,1)-sp",
 ]
 
@@ -180,12 +178,12 @@ def fault_run(tiny_data, run, layout, precision, fault, rank, steps, *extra):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("layout, rank", [("(1,2,2)", 3), ("(2,1,2)", 1)])
-def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tiny_data, tmp_path, layout, rank):
-    """The last rank is on the last pipeline stage and the second data-parallel replica; rank 1 is the
-    second tensor-parallel rank: the overflow has to travel over pp and dp, or tp and dp."""
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tiny_data, tmp_path):
+    """At (1,2,2) the last rank is on the last pipeline stage and the second data-parallel replica, and its
+    overflow is in the last stage's copy of the tied embedding, which the gradient norm does not count: only
+    the mesh-wide overflow check can tell the other ranks."""
     report = fault_run(
-        tiny_data, tmp_path / "run", layout, "fp16", "grad", rank, "3", "precision.hysteresis=1"
+        tiny_data, tmp_path / "run", "(1,2,2)", "fp16", "grad", 3, "3", "precision.hysteresis=1"
     )
     assert [r["skipped"] for r in report] == [[3]] * len(report)
     assert all(r["identical"] and r["error"] is None for r in report)

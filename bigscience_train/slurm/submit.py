@@ -262,6 +262,7 @@ def prepare_eval(run_dir: str, overrides: list[str], max_parallel: int | None = 
     steps = pending_checkpoints(run, list(cfg.eval.tasks), output or run / "eval")
     if not steps:
         return None
+    (run / "slurm" / "logs").mkdir(parents=True, exist_ok=True)
     array = f"0-{len(steps) - 1}" + (f"%{max_parallel}" if max_parallel else "")
     job = Job(
         f"{run.name}-eval",
