@@ -77,10 +77,7 @@ class BigScienceLM(TemplateLM):
             tokens[i, : len(row)] = torch.tensor(row)
         tokens = tokens.to(self.penv.device)
         with autocast(self.dtype, self.penv.device):
-            if self.pipeline is None:
-                logits = self.model(tokens)
-            else:
-                logits = self.pipeline.forward_only(tokens, micro_batches=1)
+            logits = self.model(tokens) if self.pipeline is None else self.pipeline.forward_only(tokens)
         if logits is None:
             return None
         if isinstance(logits, DTensor):

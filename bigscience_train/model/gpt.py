@@ -91,6 +91,10 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
+# The modules before the first block: a pipeline's first stage holds them.
+EMBEDDING_MODULES = ("word_embeddings", "position_embeddings", "word_embeddings_layernorm")
+
+
 class Transformer(nn.Module):
     def __init__(self, shape: GPTShape):
         super().__init__()
@@ -148,7 +152,7 @@ class GPT(nn.Module):
         t = self.transformer
         t.h = nn.ModuleDict({str(i): t.h[str(i)] for i in layers})
         if layers.start > 0:
-            for name in ("word_embeddings", "position_embeddings", "word_embeddings_layernorm"):
+            for name in EMBEDDING_MODULES:
                 if hasattr(t, name):
                     setattr(t, name, None)
         if layers.stop < self.shape.num_layers:

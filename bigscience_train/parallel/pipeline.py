@@ -26,7 +26,7 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleaved1F1B,
 )
 
-from bigscience_train.model.gpt import GPT, GPTShape, build_on_meta
+from bigscience_train.model.gpt import EMBEDDING_MODULES, GPT, GPTShape, build_on_meta
 from bigscience_train.parallel.tensor import local_tensor
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -65,7 +65,7 @@ def rank_model(parts: list[GPT]) -> GPT:
     t = whole.transformer
     t.h = nn.ModuleDict({name: block for part in parts for name, block in part.transformer.h.items()})
     first, last = parts[0], parts[-1]
-    for name in ("word_embeddings", "position_embeddings", "word_embeddings_layernorm"):
+    for name in EMBEDDING_MODULES:
         if hasattr(t, name):
             setattr(t, name, getattr(first.transformer, name))
     t.ln_f, whole.lm_head = last.transformer.ln_f, last.lm_head
@@ -113,7 +113,7 @@ class Pipeline:
         self.has_first = 0 in stage_ids
         self.has_last = num_stages - 1 in stage_ids
         self._schedules: dict[int, tuple[list[TimedStage], object]] = {}
-        self._forward_schedules: dict[int, ScheduleGPipe] = {}
+        self._forward_schedule: ScheduleGPipe | None = None
         self.loss_fn: Callable | None = None
 
     def _schedule(self, micro_batches: int):
@@ -151,18 +151,18 @@ class Pipeline:
         elapsed = time.perf_counter() - start
         return max(0.0, 1.0 - sum(s.busy_seconds for s in stages) / elapsed)
 
-    def forward_only(self, tokens: torch.Tensor | None, micro_batches: int) -> torch.Tensor | None:
-        """The last stage's outputs (logits) for a batch, forward only (evaluation); None on other ranks.
-        Every call of a given micro-batch count must have the same shape: stages size their buffers at the
-        first. One stage per rank (GPipe order)."""
+    def forward_only(self, tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """The last stage's outputs (logits) for a batch, forward only, as one micro-batch (evaluation); None
+        on other ranks. Every call must have the shape of the first: stages size their buffers then. One
+        stage per rank (GPipe order)."""
         if len(self.parts) != 1:
             raise ValueError("forward-only passes run with one stage per rank (parallel.virtual_stages=1)")
-        if micro_batches not in self._forward_schedules:
+        if self._forward_schedule is None:
             stage = PipelineStage(
                 self.parts[0], self.stage_ids[0], self.num_stages, self.device, group=self.group
             )
-            self._forward_schedules[micro_batches] = ScheduleGPipe(stage, micro_batches)
-        outputs = self._forward_schedules[micro_batches].step(*((tokens,) if self.has_first else ()))
+            self._forward_schedule = ScheduleGPipe(stage, n_microbatches=1)
+        outputs = self._forward_schedule.step(*((tokens,) if self.has_first else ()))
         return outputs if self.has_last else None
 
     def last_stage_rank(self) -> int:

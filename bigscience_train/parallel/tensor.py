@@ -9,8 +9,8 @@ apart across ranks.
 
 Sequence parallel (Megatron's): between the matmuls, in the layernorm, dropout and residual regions, each
 rank holds a slice of the sequence instead of all of it; the row-parallel all-reduces become reduce-scatters
-and the column-parallel inputs all-gathers. The layernorms' weights stay replicated DTensors whose gradients
-DTensor sums over the ranks' slices.
+and the column-parallel inputs all-gathers. The layernorms' weights stay replicated DTensors; their gradients,
+partial sums over each rank's slice, are summed over the TP group (align_grads_with_params).
 """
 
 from __future__ import annotations
