@@ -13,6 +13,7 @@ checkpoint adds to them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -23,20 +24,11 @@ from omegaconf import DictConfig
 from bigscience_train.checkpoint.paths import committed_steps, step_dir_name
 from bigscience_train.checkpoint.reader import read_meta, resolve_checkpoint
 from bigscience_train.config import load_config, load_config_file
+from bigscience_train.config.schema import EvalConfig
 from bigscience_train.fsutil import atomic_write_text
 
-# Short names `bigscience eval` takes for the eval.* settings.
-SHORT_KEYS = (
-    "checkpoint",
-    "hf",
-    "run",
-    "tasks",
-    "num_fewshot",
-    "limit",
-    "batch_tokens",
-    "max_gen_tokens",
-    "output",
-)
+# Short names `bigscience eval` takes for the eval.* settings: every field of EvalConfig.
+SHORT_KEYS = tuple(f.name for f in dataclasses.fields(EvalConfig))
 # Sections of the saved training config that the evaluation's overrides may change.
 LAYOUT_SECTIONS = ("parallel", "precision")
 MERGED_KEYS = ("results", "versions", "n-shot", "higher_is_better", "configs", "n-samples")
@@ -44,7 +36,12 @@ MERGED_KEYS = ("results", "versions", "n-shot", "higher_is_better", "configs", "
 
 def expand_short_keys(overrides: list[str]) -> list[str]:
     """checkpoint=X -> eval.checkpoint=X, and so on (`checkpoint` alone is the training config's group)."""
-    return [f"eval.{o}" if o.split("=", 1)[0].lstrip("+") in SHORT_KEYS else o for o in overrides]
+    expanded = []
+    for override in overrides:
+        plus = "+" if override.startswith("+") else ""
+        key = override[len(plus) :].split("=", 1)[0]
+        expanded.append(f"{plus}eval.{override[len(plus) :]}" if key in SHORT_KEYS else override)
+    return expanded
 
 
 def evaluated_tasks(result_dir: Path) -> set[str]:

@@ -13,7 +13,7 @@ from bigscience_train.data.tokenizer import Tokenizer
 from bigscience_train.model import GPTShape, build_on_meta, materialize
 from bigscience_train.parallel.env import init_parallel
 from evaluation.lm import BigScienceLM
-from evaluation.run import evaluate_checkpoint, pending_checkpoints, write_results
+from evaluation.run import evaluate_checkpoint, expand_short_keys, pending_checkpoints, write_results
 from evaluation.tasks import TaskDataMissing, bundled, bundled_config, task_specs
 from tests.conftest import read_metrics, run_cli
 from tests.test_train import train
@@ -80,6 +80,15 @@ def test_rolling_loglikelihood_and_greedy_generation(lm):
             break
         ids.append(nxt)
     assert generated == lm.tok.decode(ids[len(lm.tok_encode("def f(x):")) :]).split("\n\n")[0]
+
+
+def test_short_keys_are_every_eval_setting():
+    assert expand_short_keys(["checkpoint=a", "batch_size=16", "parallel.tp=2", "+limit=3"]) == [
+        "eval.checkpoint=a",
+        "eval.batch_size=16",
+        "parallel.tp=2",
+        "+eval.limit=3",
+    ]
 
 
 def test_standard_tasks_without_cached_data_fail_fast_with_how_to_fetch(monkeypatch):
