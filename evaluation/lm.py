@@ -66,8 +66,8 @@ class BigScienceLM(TemplateLM):
 
     # -- scoring ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def log_probs(self, rows: list[list[int]]) -> torch.Tensor | None:
-        """Next-token log-probabilities (rows, width, vocab) in fp32, rows padded on the right to the longest
+    def logits(self, rows: list[list[int]]) -> torch.Tensor | None:
+        """Next-token logits (rows, width, vocab), on the device, rows padded on the right to the longest
         (to batch_size x seq_length through a pipeline, where ranks without the last stage get None)."""
         shape = (len(rows), max(len(r) for r in rows))
         if self.pipeline is not None:
@@ -80,15 +80,13 @@ class BigScienceLM(TemplateLM):
             logits = self.model(tokens) if self.pipeline is None else self.pipeline.forward_only(tokens)
         if logits is None:
             return None
-        if isinstance(logits, DTensor):
-            logits = logits.full_tensor()
-        return F.log_softmax(logits.float(), dim=-1).cpu()
+        return logits.full_tensor() if isinstance(logits, DTensor) else logits
 
     def _score_batch(self, items: list[Item]) -> list[tuple[float, bool]]:
-        logp = self.log_probs([tokens[:-1] for tokens, _ in items])
+        logits = self.logits([tokens[:-1] for tokens, _ in items])
         if self.pipeline is not None:
-            return self._from_last_stage(None if logp is None else self._scores(logp, items))
-        return self._scores(logp, items)
+            return self._from_last_stage(None if logits is None else self._scores(logits, items))
+        return self._scores(logits, items)
 
     def _from_last_stage(self, scores: list | None) -> list:
         box = [scores]
@@ -96,12 +94,14 @@ class BigScienceLM(TemplateLM):
         return box[0]
 
     @staticmethod
-    def _scores(logp: torch.Tensor, items: list[Item]) -> list[tuple[float, bool]]:
+    def _scores(logits: torch.Tensor, items: list[Item]) -> list[tuple[float, bool]]:
+        """Only the positions that predict each item's last n tokens are normalised (fp32), not the
+        context's: most of a batch's positions."""
         scores = []
         for i, (tokens, n) in enumerate(items):
             end = len(tokens) - 1
             target = torch.tensor(tokens[-n:])
-            row = logp[i, end - n : end]
+            row = F.log_softmax(logits[i, end - n : end].float(), dim=-1).cpu()
             picked = row.gather(1, target[:, None]).squeeze(1)
             scores.append((picked.sum().item(), bool((row.argmax(-1) == target).all())))
         return scores
@@ -177,8 +177,8 @@ class BigScienceLM(TemplateLM):
         text = ""
         for _ in range(options.get("max_gen_toks", self.max_gen_tokens)):
             window = (tokens + generated)[-self.seq_length :]
-            logp = self.log_probs([window])
-            last = None if logp is None else int(logp[0, len(window) - 1].argmax())
+            logits = self.logits([window])
+            last = None if logits is None else int(logits[0, len(window) - 1].argmax())
             token = self._from_last_stage(last) if self.pipeline is not None else last
             if token == self.eot_token_id:
                 break
