@@ -1,8 +1,10 @@
 """lm-eval's TemplateLM over our GPT, at any tensor- and data-parallel layout.
 
-Every rank runs lm-eval on every request; the scoring is split: requests are sorted longest first, dealt
-round-robin to the data-parallel ranks, batched up to `batch_tokens` tokens (the longest row times the rows),
-scored, and the scores gathered, so each rank returns all of them. Tensor-parallel ranks of a replica score the
+Every rank runs lm-eval on every request; the scoring is split. An item whose input is a prefix of another's
+shares that one's row (multiple-choice continuations of one context mostly do). Rows are sorted longest first,
+dealt round-robin to the data-parallel ranks, batched up to `batch_tokens` tokens (the longest row times the
+rows), and only the scored positions go through the output layer. The scores are gathered, so each rank
+returns all of them. Tensor-parallel ranks of a replica score the
 same requests together; their vocab-sharded logits are gathered per batch. Pipeline stages pass each batch
 forward (padded to a fixed shape: stages size their buffers once), the last stage scores it and sends the
 scores to the other stages. A row longer than the model's context keeps its last seq_length + 1 tokens, as
@@ -30,6 +32,21 @@ from bigscience_train.train.precision import autocast
 
 # (tokens, number of trailing tokens to score): context and continuation together, already truncated.
 Item = tuple[list[int], int]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shared_rows(inputs: list[list[int]]) -> list[int]:
+    """For each input, the input whose forward pass scores it: the longest one it is a prefix of (itself
+    when none is). In lexicographic order, an input that is a prefix of any other is one of the next one."""
+    order = sorted(range(len(inputs)), key=lambda i: inputs[i])
+    owner = list(range(len(inputs)))
+    for shorter, longer in zip(reversed(order[:-1]), reversed(order[1:]), strict=True):
+        if inputs[longer][: len(inputs[shorter])] == inputs[shorter]:
+            owner[shorter] = owner[longer]
+    return owner
 
 
 class BigScienceLM(TemplateLM):
@@ -66,9 +83,10 @@ class BigScienceLM(TemplateLM):
 
     # -- scoring ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def logits(self, rows: list[list[int]]) -> torch.Tensor | None:
-        """Next-token logits (rows, width, vocab), on the device, rows padded on the right to the longest
-        (to batch_size x seq_length through a pipeline, where ranks without the last stage get None)."""
+    def logits(self, rows: list[list[int]], at: list[tuple[int, int]]) -> torch.Tensor | None:
+        """Next-token logits (len(at), vocab), on the device, at the (row, position) pairs `at`. Rows are
+        padded on the right to the longest (to batch_size x seq_length through a pipeline, where ranks
+        without the last stage get None)."""
         shape = (len(rows), max(len(r) for r in rows))
         if self.pipeline is not None:
             shape = (self.batch_size, self.seq_length)
@@ -76,17 +94,25 @@ class BigScienceLM(TemplateLM):
         for i, row in enumerate(rows):
             tokens[i, : len(row)] = torch.tensor(row)
         tokens = tokens.to(self.penv.device)
+        flat = torch.tensor([r * shape[1] + p for r, p in at], device=self.penv.device)
         with autocast(self.dtype, self.penv.device):
+            if self.pipeline is None and self.model.sequence_shards == 1:
+                return full(self.model(tokens, logits_at=flat))
             logits = self.model(tokens) if self.pipeline is None else self.pipeline.forward_only(tokens)
-        if logits is None:
-            return None
-        return logits.full_tensor() if isinstance(logits, DTensor) else logits
+        return None if logits is None else full(logits).flatten(0, 1)[flat]
 
-    def _score_batch(self, items: list[Item]) -> list[tuple[float, bool]]:
-        logits = self.logits([tokens[:-1] for tokens, _ in items])
+    def _score_batch(self, rows: list[list[int]], scored: list[list[Item]]) -> list[tuple[float, bool]]:
+        """Scores of the items each row scores (scored[r]: row r's items), in that order."""
+        at: dict[tuple[int, int], int] = {}
+        wanted = []  # per item: its positions' indices in `at`, and its target tokens
+        for r, items in enumerate(scored):
+            for tokens, n in items:
+                end = len(tokens) - 1
+                wanted.append(([at.setdefault((r, p), len(at)) for p in range(end - n, end)], tokens[-n:]))
+        logits = self.logits(rows, list(at))
         if self.pipeline is not None:
-            return self._from_last_stage(None if logits is None else self._scores(logits, items))
-        return self._scores(logits, items)
+            return self._from_last_stage(None if logits is None else self._scores(logits, wanted))
+        return self._scores(logits, wanted)
 
     def _from_last_stage(self, scores: list | None) -> list:
         box = [scores]
@@ -94,38 +120,51 @@ class BigScienceLM(TemplateLM):
         return box[0]
 
     @staticmethod
-    def _scores(logits: torch.Tensor, items: list[Item]) -> list[tuple[float, bool]]:
-        """Only the positions that predict each item's last n tokens are normalised (fp32), not the
-        context's: most of a batch's positions."""
-        scores = []
-        for i, (tokens, n) in enumerate(items):
-            end = len(tokens) - 1
-            target = torch.tensor(tokens[-n:])
-            row = F.log_softmax(logits[i, end - n : end].float(), dim=-1).cpu()
-            picked = row.gather(1, target[:, None]).squeeze(1)
-            scores.append((picked.sum().item(), bool((row.argmax(-1) == target).all())))
+    def _scores(logits: torch.Tensor, wanted: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(log-probability of the targets, whether each is the argmax) per item, normalised in fp32."""
+        index = torch.tensor([i for positions, _ in wanted for i in positions], device=logits.device)
+        targets = torch.tensor([t for _, tokens in wanted for t in tokens], device=logits.device)
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        picked = logprobs[index, targets].tolist()
+        greedy = (logprobs.argmax(-1)[index] == targets).tolist()
+        scores, start = [], 0
+        for _, tokens in wanted:
+            stop = start + len(tokens)
+            scores.append((sum(picked[start:stop]), all(greedy[start:stop])))
+            start = stop
         return scores
 
-    def batches(self, indices: list[int], items: list[Item]) -> list[list[int]]:
-        """Consecutive runs of `indices` (longest first) whose padded size stays within the token budget (and
+    def batches(self, rows: list[int], widths: list[int]) -> list[list[int]]:
+        """Consecutive runs of `rows` (longest first) whose padded size stays within the token budget (and
         the row cap)."""
         batches, current = [], []
-        for i in indices:
-            width = len(items[current[0]][0]) if current else len(items[i][0])
-            full = self.batch_size is not None and len(current) == self.batch_size
-            if current and (full or width * (len(current) + 1) > self.batch_tokens):
+        for i in rows:
+            width = widths[current[0]] if current else widths[i]
+            full_batch = self.batch_size is not None and len(current) == self.batch_size
+            if current and (full_batch or width * (len(current) + 1) > self.batch_tokens):
                 batches.append(current)
                 current = []
             current.append(i)
         return batches + ([current] if current else [])
 
     def score(self, items: list[Item]) -> list[tuple[float, bool]]:
-        """(sum of log-probabilities of each item's last n tokens, whether greedy decoding gives them all)."""
-        order = sorted(range(len(items)), key=lambda i: (-len(items[i][0]), i))
-        mine = order[self.shard :: self.shards]
+        """(sum of log-probabilities of each item's last n tokens, whether greedy decoding gives them all).
+
+        An item whose input is a prefix of another's is scored from that one's forward pass (a causal
+        model's logits over a prefix do not depend on what follows): the continuations of a
+        multiple-choice question often share most of a row."""
+        inputs = [tokens[:-1] for tokens, _ in items]
+        owner = shared_rows(inputs)
+        members: dict[int, list[int]] = {}
+        for i, row in enumerate(owner):
+            members.setdefault(row, []).append(i)
+        rows = sorted(members, key=lambda r: (-len(inputs[r]), r))
+        widths = [len(x) for x in inputs]
         found = {}
-        for batch in self.batches(mine, items):
-            found.update(zip(batch, self._score_batch([items[i] for i in batch]), strict=True))
+        for batch in self.batches(rows[self.shard :: self.shards], widths):
+            scored = [[items[i] for i in members[r]] for r in batch]
+            batch_items = [i for r in batch for i in members[r]]
+            found.update(zip(batch_items, self._score_batch([inputs[r] for r in batch], scored), strict=True))
         merged = {k: v for part in self.penv.all_gather_object(found) for k, v in part.items()}
         return [merged[i] for i in range(len(items))]
 
@@ -177,8 +216,8 @@ class BigScienceLM(TemplateLM):
         text = ""
         for _ in range(options.get("max_gen_toks", self.max_gen_tokens)):
             window = (tokens + generated)[-self.seq_length :]
-            logits = self.logits([window])
-            last = None if logits is None else int(logits[0, len(window) - 1].argmax())
+            logits = self.logits([window], [(0, len(window) - 1)])
+            last = None if logits is None else int(logits[0].argmax())
             token = self._from_last_stage(last) if self.pipeline is not None else last
             if token == self.eot_token_id:
                 break

@@ -66,6 +66,7 @@ def model_config(step_dir: Path, cfg: DictConfig, overrides: list[str]) -> DictC
             saved[section] = cfg[section]
     saved.parallel.dp_shard = "none"  # replicas score different requests: no FSDP collectives in forward
     saved.parallel.recompute = "none"
+    saved.parallel.sequence_parallel = False  # rows of any length, and only a few positions scored per row
     return saved
 
 
@@ -98,6 +99,11 @@ def write_results(result_dir: Path, results: dict, info: dict) -> Path:
 
 def evaluate_checkpoint(step_dir: Path, cfg: DictConfig, overrides: list[str], penv, specs: list) -> dict:
     """lm-eval's results for one checkpoint, loaded at this process's layout (every rank returns them)."""
+    return run_tasks(load_lm(step_dir, cfg, overrides, penv), specs, cfg.eval.num_fewshot, cfg.eval.limit)
+
+
+def load_lm(step_dir: Path, cfg: DictConfig, overrides: list[str], penv):
+    """Our lm-eval model over a checkpoint, built and loaded at this process's layout."""
     from bigscience_train.checkpoint.dcp import CheckpointManager
     from bigscience_train.data.tokenizer import Tokenizer
     from bigscience_train.model import shape_from_config
@@ -107,7 +113,7 @@ def evaluate_checkpoint(step_dir: Path, cfg: DictConfig, overrides: list[str], p
     saved = model_config(step_dir, cfg, overrides)
     built = build_parallel_model(shape_from_config(saved.model, penv.tp), saved.parallel, penv, seed=0)
     CheckpointManager(step_dir.parent, penv).load_weights(step_dir, built.model)
-    lm = BigScienceLM(
+    return BigScienceLM(
         built.model,
         Tokenizer(saved.data.tokenizer),
         penv,
@@ -117,15 +123,17 @@ def evaluate_checkpoint(step_dir: Path, cfg: DictConfig, overrides: list[str], p
         batch_size=cfg.eval.batch_size,
         pipeline=built.pipeline,
     )
-    return run_tasks(lm, specs, cfg.eval.num_fewshot, cfg.eval.limit)
 
 
 def run_tasks(lm, specs: list, num_fewshot: int, limit: int | None, bootstrap_iters: int = 1000) -> dict:
     from lm_eval import simple_evaluate
 
+    from evaluation.tasks import needs_standard_tasks, task_manager
+
     return simple_evaluate(
         model=lm,
         tasks=specs,
+        task_manager=task_manager(needs_standard_tasks(specs)),
         num_fewshot=num_fewshot,
         limit=limit,
         log_samples=False,

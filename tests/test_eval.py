@@ -12,7 +12,7 @@ from bigscience_train.config import load_config
 from bigscience_train.data.tokenizer import Tokenizer
 from bigscience_train.model import GPTShape, build_on_meta, materialize
 from bigscience_train.parallel.env import init_parallel
-from evaluation.lm import BigScienceLM
+from evaluation.lm import BigScienceLM, shared_rows
 from evaluation.run import evaluate_checkpoint, expand_short_keys, pending_checkpoints, write_results
 from evaluation.tasks import TaskDataMissing, bundled, bundled_config, task_specs
 from tests.conftest import read_metrics, run_cli
@@ -43,6 +43,11 @@ def test_loglikelihoods_equal_a_direct_computation_from_the_logits(lm):
     for length, n in [(5, 1), (12, 3), (20, 7), (31, 2), (45, 4)]:  # the last one is longer than the context
         tokens = torch.randint(0, 500, (length,), generator=g).tolist()
         requests.append((("", ""), tokens[:-n], tokens[-n:]))
+    # Multiple-choice continuations of one context: one-token ones (the same input), and inputs that are
+    # prefixes of others, scored from a shared row.
+    context = torch.randint(0, 500, (9,), generator=g).tolist()
+    for continuation in ([7], [8], [7, 3], [7, 3, 9], [4, 4]):
+        requests.append((("", ""), context, continuation))
     scores = lm._loglikelihood_tokens(requests)
     for (_, context, continuation), (logprob, greedy) in zip(requests, scores, strict=True):
         kept = (context + continuation)[-33:]
@@ -53,6 +58,16 @@ def test_loglikelihoods_equal_a_direct_computation_from_the_logits(lm):
     assert [s for s, _ in lm._loglikelihood_tokens(requests)] == pytest.approx(
         [s for s, _ in scores], abs=1e-5
     )
+
+
+def test_an_input_is_scored_by_the_longest_input_it_begins():
+    inputs = [[1, 2], [1, 2, 3], [1, 2, 5], [1], [1, 2, 3, 4], [1, 2], [2], []]
+    owner = shared_rows(inputs)
+    for i, row in enumerate(owner):
+        assert inputs[row][: len(inputs[i])] == inputs[i]
+        assert not any(x[: len(inputs[row])] == inputs[row] and len(x) > len(inputs[row]) for x in inputs)
+    assert owner[1] == 4 and owner[2] == 2 and owner[6] == 6
+    assert len(set(owner)) == 3
 
 
 def test_rolling_loglikelihood_and_greedy_generation(lm):

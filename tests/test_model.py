@@ -57,6 +57,9 @@ def test_shapes_and_causality(position):
     after = model(changed)
     assert torch.equal(logits[:, :10], after[:, :10]), "future tokens changed past logits"
     assert not torch.allclose(logits[:, 10:], after[:, 10:])
+    # Only some positions through the output layer: the same logits.
+    at = torch.tensor([0, 7, 16 + 3, 31])
+    torch.testing.assert_close(model(tokens, logits_at=at), logits.flatten(0, 1)[at])
 
 
 def test_learned_positions_have_their_own_table():

@@ -203,9 +203,13 @@ class GPT(nn.Module):
             x = t.word_embeddings_layernorm(x)
         return t.embedding_dropout(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, seq, padded vocab) of next tokens for tokens (batch, seq). A pipeline stage
-        (keep_layers) without the embedding takes hidden states, one without the output layer returns them."""
+        (keep_layers) without the embedding takes hidden states, one without the output layer returns them.
+
+        logits_at: flat indices into batch x seq of the only positions to take through the output layer;
+        the logits are then (len(logits_at), vocab). Scoring a few positions per row skips most of the
+        output layer's work. Not with sequence-parallel hidden states (each rank holds a slice of the rows)."""
         t = self.transformer
         if t.word_embeddings is not None:
             seq_len = x.shape[1]
@@ -224,6 +228,8 @@ class GPT(nn.Module):
             x = block(x, bias, rope)
         if self.lm_head is None:
             return x
+        if logits_at is not None:
+            x = x.flatten(0, 1)[logits_at]
         return self.lm_head(t.ln_f(x))
 
 

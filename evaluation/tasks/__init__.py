@@ -29,18 +29,24 @@ def bundled_config(path: Path) -> dict:
 
 
 @functools.cache
-def lm_eval_index() -> dict:
-    """lm-eval's task index (it reads thousands of YAML files: once per process)."""
+def task_manager(standard: bool):
+    """lm-eval's TaskManager, built once per process. Its index of lm-eval's own tasks reads thousands of
+    YAML files (20-30 s), so it is built only when a standard task is asked for: bundled tasks are passed
+    as config dicts and need none of it."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager().task_index
+    return TaskManager(include_defaults=standard)
+
+
+def needs_standard_tasks(specs: list) -> bool:
+    return any(isinstance(spec, str) for spec in specs)
 
 
 def standard_dataset(name: str) -> tuple[str, str | None]:
     """(dataset path, config name) of an lm-eval task, from its YAML (includes resolved)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = lm_eval_index().get(name)
+    entry = task_manager(True).task_index.get(name)
     if entry is None or entry.yaml_path is None:
         raise ValueError(
             f"unknown task {name!r}: not bundled ({', '.join(bundled())}) and not an lm-eval task"
