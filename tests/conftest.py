@@ -56,14 +56,16 @@ def torchrun(nproc: int, target: list[str]) -> list[str]:
     ]
 
 
-def run_cli(args: list[str], nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], nproc: int = 1, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`bigscience ...` in a fresh process, under torchrun when nproc > 1, as a user would run it."""
     if nproc > 1:
         module = {"train": "bigscience_train.train", "eval": "evaluation"}[args[0]]
         cmd = torchrun(nproc, ["-m", module, *args[1:]])
     else:
         cmd = [sys.executable, "-m", "bigscience_train.cli", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=child_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 def run_script(

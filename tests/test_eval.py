@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,44 @@ def trained_run(tiny_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("eval") / "run"
     train(tiny_data, run, "train.iters=30", "checkpoint.interval=15")
     return run
+
+
+def cache_as_downloaded(cache: Path, dataset: str, config: str, rows: list[dict]) -> None:
+    """A Hugging Face datasets cache laid out as `load_dataset(dataset, config)` on a login node leaves it:
+    built by the datasets library from local rows, then filed under the dataset's name."""
+    import datasets
+
+    source = cache / "rows.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    builder = datasets.load_dataset_builder(
+        "json", data_files={"test": str(source)}, cache_dir=str(cache / "tmp")
+    )
+    builder.download_and_prepare()
+    namespace, name = dataset.split("/")
+    target = cache / f"{namespace}___{name}" / config / "0.0.0" / "0123456789abcdef"
+    target.mkdir(parents=True)
+    for f in Path(builder.cache_dir).iterdir():
+        (target / f.name.replace("json-", f"{name}-")).write_bytes(f.read_bytes())
+    info = json.loads((target / "dataset_info.json").read_text())
+    info.update(builder_name=name, dataset_name=name, config_name=config)
+    (target / "dataset_info.json").write_text(json.dumps(info))
+
+
+def test_a_standard_task_runs_offline_from_the_local_datasets_cache(trained_run, tmp_path):
+    lines = [line for line in Path(json.__file__).read_text().splitlines() if len(line.split()) > 4]
+    cache = tmp_path / "hf-datasets"
+    cache.mkdir()
+    cache_as_downloaded(cache, "EleutherAI/lambada_openai", "default", [{"text": t} for t in lines[:12]])
+    env = {"HF_DATASETS_CACHE": str(cache), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    step = trained_run / "checkpoints" / "step_0000030"
+    out = run_cli(
+        ["eval", f"checkpoint={step}", "tasks=[lambada_openai]", f"output={tmp_path / 'out'}"], env=env
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "out" / "step_0000030" / "results.json").read_text())
+    metrics = data["results"]["lambada_openai"]
+    assert data["n-samples"]["lambada_openai"]["effective"] == 12
+    assert 1 < metrics["perplexity,none"] < math.inf and 0 <= metrics["acc,none"] <= 1
 
 
 def results(path) -> dict:
