@@ -142,3 +142,52 @@ def test_a_damaged_shard_is_named(trained, tmp_path):
     with pytest.raises(CheckpointIntegrityError, match=rf"{shard.name}: .* bytes, meta.json records"):
         export_hf(copy, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+class _Planted:
+    """A pickle that creates a file when unpickled: what a malicious checkpoint could carry."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (type(self.path).touch, (self.path,))
+
+
+def test_a_checkpoint_carrying_code_is_refused_not_run(tmp_path):
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from bigscience_train.checkpoint.reader import single_process_dcp
+    from bigscience_train.checkpoint.safe_load import SafeLoadPlanner
+
+    planted = tmp_path / "planted"
+    with single_process_dcp():
+        dcp.save(
+            {"w": torch.ones(3), "extra": _Planted(planted)}, checkpoint_id=tmp_path / "ckpt", no_dist=True
+        )
+        into = {"w": torch.zeros(3), "extra": None}
+        with pytest.raises(CheckpointException) as raised:
+            dcp.load(
+                into,
+                storage_reader=FileSystemReader(tmp_path / "ckpt"),
+                planner=SafeLoadPlanner(),
+                no_dist=True,
+            )
+        assert not planted.exists()
+        assert "Unsupported global" in str(raised.value.failures[0])
+        # The same items without code load as before.
+        dcp.save(
+            {"w": torch.ones(3), "extra": {"lr": 0.1, "betas": (0.9, 0.95)}},
+            checkpoint_id=tmp_path / "ok",
+            no_dist=True,
+        )
+        into = {"w": torch.zeros(3), "extra": {"lr": 0.0, "betas": (0.0, 0.0)}}
+        dcp.load(
+            into, storage_reader=FileSystemReader(tmp_path / "ok"), planner=SafeLoadPlanner(), no_dist=True
+        )
+    assert torch.equal(into["w"], torch.ones(3)) and into["extra"] == {"lr": 0.1, "betas": (0.9, 0.95)}
+    assert pickle.dumps(_Planted(planted))  # the planted object is a real pickle

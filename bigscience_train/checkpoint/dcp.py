@@ -36,6 +36,7 @@ from bigscience_train.checkpoint.integrity import (
     share,
 )
 from bigscience_train.checkpoint.paths import LATEST, committed_steps, latest_checkpoint, step_dir_name
+from bigscience_train.checkpoint.safe_load import SafeLoadPlanner
 from bigscience_train.fsutil import atomic_write_text
 
 TMP_PREFIX = ".tmp_"
@@ -250,7 +251,7 @@ class CheckpointManager:
         failed on it."""
         self.verify(path, hash_files=False)
         try:
-            dcp.load(to_load, checkpoint_id=str(path))
+            dcp.load(to_load, checkpoint_id=str(path), planner=SafeLoadPlanner())
         finally:
             self.verify(path)
 

@@ -14,6 +14,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from bigscience_train.checkpoint.paths import latest_checkpoint
+from bigscience_train.checkpoint.safe_load import SafeLoadPlanner
 
 MODEL_PREFIX = "model."
 
@@ -53,7 +54,12 @@ def iter_model_tensors(path: Path, names: list[str] | None = None) -> Iterator[t
         meta = tensors[name]
         tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
         with single_process_dcp():
-            dcp.load({MODEL_PREFIX + name: tensor}, storage_reader=FileSystemReader(str(path)), no_dist=True)
+            dcp.load(
+                {MODEL_PREFIX + name: tensor},
+                storage_reader=FileSystemReader(str(path)),
+                planner=SafeLoadPlanner(),
+                no_dist=True,
+            )
         yield name, tensor
 
 
