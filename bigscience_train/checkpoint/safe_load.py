@@ -1,8 +1,8 @@
-"""What DCP loads with: its file reader, and a planner that never runs code from a checkpoint.
+"""A DCP load planner that never runs code from a checkpoint.
 
 DCP's default load planner unpickles the items that are not tensors (the optimizer's per-parameter settings,
-anything else in a state dict) with torch.load(weights_only=False), which runs whatever code a file carries.
-A checkpoint is a file anyone may hand over: ours unpickles them with weights_only=True.
+anything else in a state dict) with torch.load's unrestricted unpickler, which runs whatever code a file
+carries. A checkpoint is a file anyone may hand over: ours unpickles them with weights_only=True.
 """
 
 from __future__ import annotations
