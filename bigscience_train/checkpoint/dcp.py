@@ -37,6 +37,7 @@ from bigscience_train.checkpoint.integrity import (
 )
 from bigscience_train.checkpoint.paths import LATEST, committed_steps, latest_checkpoint, step_dir_name
 from bigscience_train.checkpoint.safe_load import SafeLoadPlanner
+from bigscience_train.checkpoint.streaming_reader import StreamingReader, collector_paused
 from bigscience_train.fsutil import atomic_write_text
 
 TMP_PREFIX = ".tmp_"
@@ -236,25 +237,31 @@ class CheckpointManager:
         self.penv.barrier()
         return pending.final
 
-    def verify(self, path: Path, hash_files: bool = True) -> None:
-        """Sizes of every file and (hash_files) this rank's share of the checksums; every rank raises the same
-        error."""
-        found = problems(path, self.penv.rank, self.penv.world_size, hash_files)
+    def verify(self, path: Path, hash_files: bool = True, hashed: dict[str, str] | None = None) -> None:
+        """Sizes of every file and (hash_files) checksums: those `hashed` by any rank as they are, this rank's
+        share of the others from disk; every rank raises the same error."""
+        if hashed is not None:
+            hashed = {k: v for part in self.penv.all_gather_object(hashed) for k, v in part.items()}
+        found = problems(path, self.penv.rank, self.penv.world_size, hash_files, hashed)
         every = sorted({p for part in self.penv.all_gather_object(found) for p in part})
         if every:
             raise CheckpointIntegrityError(path, every)
 
     def _read(self, path: Path, to_load: dict) -> None:
         """DCP load of `to_load` in place, between two checks: sizes before (a truncated shard must not reach
-        DCP), checksums after, on files the read has just brought into the page cache (one disk read, not
-        two). A damaged file raises before training can use anything read from it, also when DCP itself
-        failed on it."""
+        DCP), checksums after: the reader hashes the files it reads whole as they go by, and the rest are
+        hashed from disk. A damaged file raises before training can use anything read from it, also when DCP
+        itself failed on it."""
         self.verify(path, hash_files=False)
+        reader = StreamingReader(path)
         try:
-            dcp.load(to_load, checkpoint_id=str(path), planner=SafeLoadPlanner())
-        finally:
+            dcp.load(to_load, storage_reader=reader, planner=SafeLoadPlanner())
+        except BaseException:
             self.verify(path)
+            raise
+        self.verify(path, hashed=reader.checksums)
 
+    @collector_paused()
     def load(self, path: Path, model, optimizer) -> TrainState:
         """Everything: weights, optimizer, RNG and train state, resharded to this process's layout."""
         if json.loads((path / "meta.json").read_text()).get("weights_only"):
@@ -271,6 +278,7 @@ class CheckpointManager:
             set_rng_state(torch.load(rank_file, weights_only=True)["rng"])
         return TrainState(**json.loads((path / "train_state.json").read_text()))
 
+    @collector_paused()
     def load_weights(self, path: Path, model) -> None:
         """The model's weights alone (fine-tuning, evaluation), resharded to the model's layout."""
         model_sd = get_model_state_dict(model)

@@ -44,9 +44,15 @@ def file_record(directory: Path, names: list[str], hashed: dict[str, str]) -> di
     }
 
 
-def problems(directory: Path, rank: int = 0, world: int = 1, hash_files: bool = True) -> list[str]:
-    """What is wrong with the files meta.json lists: every size here, and (hash_files) this rank's share of the
-    checksums."""
+def problems(
+    directory: Path,
+    rank: int = 0,
+    world: int = 1,
+    hash_files: bool = True,
+    hashed: dict[str, str] | None = None,
+) -> list[str]:
+    """What is wrong with the files meta.json lists: every size here, and (hash_files) their checksums: those
+    in `hashed` (computed while the files were read) as they are, this rank's share of the others from disk."""
     meta_path = directory / "meta.json"
     meta = json.loads(meta_path.read_text())
     found = []
@@ -57,8 +63,10 @@ def problems(directory: Path, rank: int = 0, world: int = 1, hash_files: bool = 
         elif path.stat().st_size != size:
             found.append(f"{path}: {path.stat().st_size:,} bytes, meta.json records {size:,}")
     recorded = meta.get("checksums", {}) if hash_files else {}
-    for name in share([n for n in recorded if (directory / n).is_file()], rank, world):
-        actual = file_checksum(directory / name)
-        if actual != recorded[name]:
-            found.append(f"{directory / name}: checksum {actual}, meta.json records {recorded[name]}")
+    hashed = hashed or {}
+    unhashed = [n for n in recorded if n not in hashed and (directory / n).is_file()]
+    actual = {**checksums(directory, share(unhashed, rank, world)), **hashed}
+    for name in sorted(actual.keys() & recorded.keys()):
+        if actual[name] != recorded[name]:
+            found.append(f"{directory / name}: checksum {actual[name]}, meta.json records {recorded[name]}")
     return found

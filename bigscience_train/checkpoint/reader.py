@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from bigscience_train.checkpoint.paths import latest_checkpoint
 from bigscience_train.checkpoint.safe_load import SafeLoadPlanner
+from bigscience_train.checkpoint.streaming_reader import StreamingReader
 
 MODEL_PREFIX = "model."
 
@@ -39,7 +39,7 @@ def read_meta(path: Path) -> dict:
 
 def model_tensors_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
     """Model tensor names (HF Bloom names, without the 'model.' prefix) and their global shape and dtype."""
-    metadata = FileSystemReader(str(path)).read_metadata()
+    metadata = StreamingReader(path).read_metadata()
     return {
         key[len(MODEL_PREFIX) :]: value
         for key, value in metadata.state_dict_metadata.items()
@@ -56,7 +56,7 @@ def iter_model_tensors(path: Path, names: list[str] | None = None) -> Iterator[t
         with single_process_dcp():
             dcp.load(
                 {MODEL_PREFIX + name: tensor},
-                storage_reader=FileSystemReader(str(path)),
+                storage_reader=StreamingReader(path),
                 planner=SafeLoadPlanner(),
                 no_dist=True,
             )

@@ -1,0 +1,146 @@
+"""The checkpoint reader: the same state as DCP's own reader, whole files hashed on the way, no code run."""
+
+import io
+import pickle
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+
+from bigscience_train.checkpoint.integrity import file_checksum
+from bigscience_train.checkpoint.reader import single_process_dcp
+from bigscience_train.checkpoint.safe_load import SafeLoadPlanner
+from bigscience_train.checkpoint.saved_object import ALIGNMENT, saved_object
+from bigscience_train.checkpoint.streaming_reader import StreamingReader
+
+
+def archive(obj, misalign: int = 0) -> torch.Tensor:
+    """torch.save's bytes of `obj` in a uint8 tensor starting `misalign` bytes past an aligned address."""
+    stream = io.BytesIO()
+    torch.save(obj, stream)
+    raw = stream.getvalue()
+    buffer = torch.zeros(len(raw) + 2 * ALIGNMENT, dtype=torch.uint8)
+    start = -buffer.data_ptr() % ALIGNMENT + misalign
+    buffer[start : start + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return buffer[start : start + len(raw)]
+
+
+SAVED_TENSORS = [
+    torch.randn(3, 4),
+    torch.randn(4, 3).t(),
+    torch.arange(10.0)[3:6],
+    torch.arange(6, dtype=torch.bfloat16),
+    torch.zeros(0, 3),
+    torch.tensor(2.5),
+    torch.tensor([True, False]),
+]
+
+
+@pytest.mark.parametrize("tensor", SAVED_TENSORS, ids=lambda t: f"{t.dtype}{tuple(t.shape)}{t.stride()}")
+def test_a_saved_tensor_is_read_as_a_view_of_the_archive(tensor):
+    held = archive(tensor)
+    loaded = saved_object(held)
+    assert loaded.dtype == tensor.dtype and loaded.stride() == tensor.stride() and torch.equal(loaded, tensor)
+    assert tensor.numel() == 0 or loaded.untyped_storage().data_ptr() == held.untyped_storage().data_ptr()
+    # Misaligned bytes cannot be viewed as floats: copied, same values.
+    assert torch.equal(saved_object(archive(tensor, misalign=1)), tensor)
+
+
+@pytest.mark.parametrize(
+    "value", [0.1, (0.9, 0.95), {"lr": 1e-4, "fused": None, "steps": [1, "x"]}, torch.Size([2])]
+)
+def test_saved_values_read_as_torch_load_reads_them(value):
+    assert saved_object(archive(value)) == torch.load(io.BytesIO(archive(value).numpy()), weights_only=True)
+
+
+class Planted:
+    """A pickle that creates a file when unpickled: what a malicious checkpoint could carry."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (type(self.path).touch, (self.path,))
+
+
+def test_a_saved_object_carrying_code_is_refused(tmp_path):
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
+        saved_object(archive(Planted(tmp_path / "planted")))
+    assert not (tmp_path / "planted").exists()
+
+
+def state(seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "a": torch.randn(64, 48, generator=generator),
+        "b": torch.randn(1000, generator=generator).to(torch.bfloat16),
+        "settings": {"lr": 0.1 * seed, "betas": (0.9, 0.95)},
+        "c": torch.randn(7, 5, generator=generator).t().contiguous(),
+    }
+
+
+def load(into: dict, reader) -> dict:
+    with single_process_dcp():
+        dcp.load(into, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    return into
+
+
+@pytest.mark.parametrize(
+    "chunk_bytes", [1, 4096, 64 << 20], ids=["item-per-chunk", "few-per-chunk", "one-chunk"]
+)
+def test_the_reader_loads_what_dcp_loads_and_hashes_whole_files(tmp_path, chunk_bytes):
+    with single_process_dcp():
+        dcp.save(state(1), checkpoint_id=tmp_path, no_dist=True)
+    ours = StreamingReader(tmp_path, chunk_bytes=chunk_bytes)
+    loaded = load(state(2), ours)
+    reference = load(state(3), FileSystemReader(tmp_path))
+    assert loaded["settings"] == reference["settings"] == {"lr": 0.1, "betas": (0.9, 0.95)}
+    for key in ("a", "b", "c"):
+        assert loaded[key].dtype == reference[key].dtype and torch.equal(loaded[key], reference[key])
+    files = sorted(tmp_path.glob("*.distcp"))
+    assert ours.checksums == {f.name: file_checksum(f) for f in files}
+
+    # A part of a file is read without hashing it: the checksum check reads that file itself.
+    partial = StreamingReader(tmp_path, chunk_bytes=chunk_bytes)
+    only_b = load({"b": torch.zeros(1000, dtype=torch.bfloat16)}, partial)
+    assert torch.equal(only_b["b"], reference["b"]) and partial.checksums == {}
+
+
+def test_a_truncated_shard_is_named(tmp_path):
+    with single_process_dcp():
+        dcp.save(state(1), checkpoint_id=tmp_path, no_dist=True)
+    shard = next(tmp_path.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointException) as raised:
+        load(state(2), StreamingReader(tmp_path))
+    assert f"{shard}: ends at byte" in str(raised.value.failures[0])
+
+
+def test_a_metadata_file_carrying_code_is_refused_not_run(tmp_path):
+    with single_process_dcp():
+        dcp.save(state(1), checkpoint_id=tmp_path, no_dist=True)
+    planted = tmp_path / "planted"
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Planted(planted)))
+    with pytest.raises(ValueError, match=r"\.metadata: refused pathlib\."):
+        StreamingReader(tmp_path).read_metadata()
+    assert not planted.exists()
+    # DCP's own reader runs it (then fails on what it returned).
+    with pytest.raises(AttributeError):
+        FileSystemReader(tmp_path).read_metadata()
+    assert planted.exists()
+
+
+@pytest.mark.parametrize("reader", [StreamingReader, FileSystemReader])
+def test_a_checkpoint_item_carrying_code_is_refused_not_run(tmp_path, reader):
+    planted = tmp_path / "planted"
+    with single_process_dcp():
+        dcp.save(
+            {"w": torch.ones(3), "extra": Planted(planted)}, checkpoint_id=tmp_path / "ckpt", no_dist=True
+        )
+    with pytest.raises(CheckpointException) as raised:
+        load({"w": torch.zeros(3), "extra": None}, reader(tmp_path / "ckpt"))
+    assert not planted.exists()
+    assert "Unsupported global" in str(raised.value.failures[0])
+    assert pickle.dumps(Planted(planted))  # the planted object is a real pickle
