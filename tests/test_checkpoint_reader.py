@@ -144,3 +144,14 @@ def test_a_checkpoint_item_carrying_code_is_refused_not_run(tmp_path, reader):
     assert not planted.exists()
     assert "Unsupported global" in str(raised.value.failures[0])
     assert pickle.dumps(Planted(planted))  # the planted object is a real pickle
+
+
+@pytest.mark.parametrize("numel", [4, 1 << 16], ids=["small-archive", "large-archive"])
+def test_an_archive_in_the_other_byte_order_is_read_as_torch_load_reads_it(monkeypatch, numel):
+    tensor = torch.arange(numel, dtype=torch.float32)
+    with monkeypatch.context() as patched:
+        patched.setattr("sys.byteorder", "big")  # what torch.save writes on a big-endian machine
+        held = archive(tensor)
+    expected = torch.load(io.BytesIO(held.numpy()), weights_only=True)
+    assert not torch.equal(expected, tensor)  # the bytes were swapped, as the archive asks
+    assert torch.equal(saved_object(held), expected)

@@ -109,6 +109,15 @@ def _records_by_zipfile(view: memoryview) -> dict[str, tuple[int, int]]:
     return records
 
 
+def _tensor_records(view: memoryview) -> dict[str, tuple[int, int]]:
+    """The records, for an archive whose tensor bytes are in this machine's byte order."""
+    records = _records(view)
+    order = records.get("byteorder")
+    if order is not None and bytes(view[order[0] : order[0] + order[1]]) != sys.byteorder.encode():
+        raise _Unusual
+    return records
+
+
 class _DataUnpickler(pickle.Unpickler):
     """Reads data.pkl, the archive's first record. A small archive (a value, no tensor data) is read from where
     data.pkl starts to the pickle's own end, with no look at the zip directory; a large one (tensor data:
@@ -122,7 +131,7 @@ class _DataUnpickler(pickle.Unpickler):
         ).endswith(b"/data.pkl"):
             raise _Unusual
         self.archive, self.view = archive, view
-        self.records = _records(view) if len(view) > _SMALL_ARCHIVE else None
+        self.records = _tensor_records(view) if len(view) > _SMALL_ARCHIVE else None
         start = _data_start(view, 0)
         end = start + self.records["data.pkl"][1] if self.records else len(view)
         super().__init__(io.BytesIO(view[start:end]))
@@ -138,13 +147,7 @@ class _DataUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if self.records is None:
-            self.records = _records(self.view)
-            order = self.records.get("byteorder")
-            if (
-                order is not None
-                and bytes(self.view[order[0] : order[0] + order[1]]) != sys.byteorder.encode()
-            ):
-                raise _Unusual
+            self.records = _tensor_records(self.view)
         kind, dtype, key, _location, numel = pid
         if kind != "storage" or not isinstance(dtype, torch.dtype) or f"data/{key}" not in self.records:
             raise _Unusual
