@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-import xxhash
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -30,6 +29,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Stora
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
+from bigscience_train.checkpoint.integrity import new_digest
 from bigscience_train.checkpoint.safe_load import load_metadata
 from bigscience_train.checkpoint.saved_object import ALIGNMENT, saved_object
 
@@ -114,7 +114,7 @@ class StreamingReader(FileSystemReader):
     def __init__(self, path, chunk_bytes: int = CHUNK_BYTES):
         super().__init__(path)
         self.chunk_bytes = chunk_bytes
-        self.checksums: dict[str, str] = {}  # xxh3-64 of each file read whole, as meta.json records them
+        self.checksums: dict[str, str] = {}  # of each file read whole, as meta.json records them
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
@@ -139,7 +139,7 @@ class StreamingReader(FileSystemReader):
         for item in sorted(items.values(), key=lambda item: (item.info.relative_path, item.info.offset)):
             per_file.setdefault(item.info.relative_path, []).append(item)
         hashers = {
-            name: xxhash.xxh3_64() for name, file_items in per_file.items() if self._whole(name, file_items)
+            name: new_digest() for name, file_items in per_file.items() if self._whole(name, file_items)
         }
         self._stream(
             [chunk for name in per_file for chunk in self._chunks(name, per_file[name])], hashers, planner
