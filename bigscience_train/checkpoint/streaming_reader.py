@@ -1,10 +1,11 @@
-"""DCP's file reader, reading each file front to back on a background thread.
+"""DCP's file reader, reading each file front to back on background threads.
 
 DCP's FileSystemReader takes the items one at a time: a torch.load of each through a view of the file (a read
 into fresh memory, then a copy into the state dict), so the disk waits while tensors are copied, and checking
 the files' checksums costs a pass of its own. This reader groups the items a rank needs into chunks of
-consecutive items. A background thread reads chunk after chunk into reused buffers, each item at an aligned
-offset, and hashes every file it reads whole as its bytes go by. Meanwhile the calling thread copies each
+consecutive items. READERS threads read the chunks in order into reused buffers, each item at an aligned
+offset, and one more thread hashes every file the rank reads whole as its bytes go by. Meanwhile the calling
+thread copies each
 tensor from its buffer (`saved_object`: a view, no copy) into its destination. Metadata and the items that are
 not tensors go through safe_load: no code from the checkpoint runs.
 """
