@@ -95,27 +95,34 @@ start_munge() {
   runuser -u munge -- munged
 }
 
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A daemon killed without cleanup can stay a zombie (nothing reaps it in a container): not alive.
+alive() {
+  [ -s "$1" ] || return 1
+  local state
+  state=$(awk '{print $3}' "/proc/$(cat "$1")/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ]
+}
 
 start() {
   need_root
   install_packages
   write_conf
   start_munge
-  alive "$DIR/slurmctld.pid" || slurmctld -f "$CONF"
+  # A controller that is not running died with its cluster (a stop, a crash, a machine restart): its
+  # saved jobs have no processes left, and recovering them would keep the nodes busy. -c starts clean.
+  alive "$DIR/slurmctld.pid" || slurmctld -c -f "$CONF"
   for node in "${NODES[@]}"; do
-    alive "$DIR/slurmd-$node.pid" || slurmd -f "$CONF" -N "$node"
+    alive "$DIR/slurmd-$node.pid" || slurmd -c -f "$CONF" -N "$node"
   done
-  local waited=0
+  local deadline=$((SECONDS + 60))
   until [ "$(SLURM_CONF=$CONF sinfo -h -o '%t' 2>/dev/null | sort -u | tr -d '\n')" = "idle" ]; do
-    if [ $waited -ge 60 ]; then
+    if [ $SECONDS -ge $deadline ]; then
       log "nodes not idle after 60 s; logs in $DIR/log"
       SLURM_CONF=$CONF sinfo -N >&2 || true
       tail -n 20 "$DIR"/log/*.log >&2 || true
       exit 1
     fi
     sleep 1
-    waited=$((waited + 1))
   done
   log "two nodes up ($CONF)"
 }

@@ -257,3 +257,23 @@ def test_checkpoints_of_a_run_evaluated_as_an_array_once(slurm_env, tiny_data, t
         assert 0 <= results["results"]["stdlib_choice"]["acc,none"] <= 1, logs(run)
     again = bigscience(slurm_env, *args, cwd=tmp_path)
     assert again.returncode == 0 and "nothing submitted" in again.stdout
+
+
+def test_a_cluster_killed_with_jobs_running_starts_again_idle(slurm_env, tmp_path):
+    """A machine restart kills the daemons mid-job: the next `start` must not resume the dead jobs."""
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--array=1-4", "--nodes=2", "--wrap", "sleep 20"],
+        env=slurm_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    for pidfile in [CLUSTER_DIR / "slurmctld.pid", *CLUSTER_DIR.glob("slurmd-*.pid")]:
+        os.kill(int(pidfile.read_text()), 9)
+    started = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=300
+    )
+    assert started.returncode == 0, started.stderr
+    queue = subprocess.run(["squeue", "-h"], env=slurm_env, capture_output=True, text=True)
+    assert queue.returncode == 0 and queue.stdout == "", queue.stdout + queue.stderr
