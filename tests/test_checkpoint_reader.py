@@ -1,5 +1,6 @@
 """The checkpoint reader: the same state as DCP's own reader, whole files hashed on the way, no code run."""
 
+import dataclasses
 import io
 import pickle
 
@@ -106,6 +107,36 @@ def test_the_reader_loads_what_dcp_loads_and_hashes_whole_files(tmp_path, chunk_
     partial = StreamingReader(tmp_path, chunk_bytes=chunk_bytes)
     only_b = load({"b": torch.zeros(1000, dtype=torch.bfloat16)}, partial)
     assert torch.equal(only_b["b"], reference["b"]) and partial.checksums == {}
+
+
+class OnlyA(SafeLoadPlanner):
+    """A final plan that differs from the local plan the reads started with."""
+
+    def finish_plan(self, central_plan):
+        return dataclasses.replace(
+            central_plan, items=[item for item in central_plan.items if item.dest_index.fqn == "a"]
+        )
+
+
+@pytest.mark.parametrize("planner", [SafeLoadPlanner, OnlyA])
+def test_reads_started_with_the_local_plan_serve_the_final_plan_only_when_it_is_the_same(tmp_path, planner):
+    with single_process_dcp():
+        dcp.save(state(1), checkpoint_id=tmp_path, no_dist=True)
+    reader = StreamingReader(tmp_path)
+    streams = []
+    stream = reader._stream
+    reader._stream = lambda plan: streams.append(len(plan.items)) or stream(plan)
+    loaded = state(2)
+    with single_process_dcp():
+        dcp.load(loaded, storage_reader=reader, planner=planner(), no_dist=True)
+    saved, untouched = state(1), state(2)
+    assert torch.equal(loaded["a"], saved["a"])
+    if planner is OnlyA:
+        assert streams == [5, 1]  # the started reads dropped, the final plan's read
+        assert torch.equal(loaded["c"], untouched["c"]) and loaded["settings"] == untouched["settings"]
+    else:
+        assert streams == [5]
+        assert torch.equal(loaded["c"], saved["c"]) and loaded["settings"] == saved["settings"]
 
 
 def test_a_truncated_shard_is_named(tmp_path):

@@ -4,8 +4,8 @@ DCP's FileSystemReader takes the items one at a time: a torch.load of each throu
 into fresh memory, then a copy into the state dict), so the disk waits while tensors are copied, and checking
 the files' checksums costs a pass of its own. This reader groups the items a rank needs into chunks of
 consecutive items. READERS threads read the chunks in order into reused buffers, each item at an aligned
-offset, and one more thread hashes every file the rank reads whole as its bytes go by. Meanwhile the calling
-thread copies each
+offset, and one more thread hashes every file the rank reads whole as its bytes go by. The reads start as soon
+as DCP hands the reader this rank's plan, before DCP's planning ends. Meanwhile the calling thread copies each
 tensor from its buffer (`saved_object`: a view, no copy) into its destination. Metadata and the items that are
 not tensors go through safe_load: no code from the checkpoint runs.
 """
@@ -111,11 +111,78 @@ def _hash(chunk: _Chunk, buffer: torch.Tensor, hasher) -> None:
         hasher.update(memory[item.position : item.position + item.info.length])
 
 
+class _Stream:
+    """The reads of one plan under way: READERS threads fill buffers READ_AHEAD chunks ahead of the copies."""
+
+    def __init__(self, root, chunks: list[_Chunk], hashers: dict):
+        self.root, self.hashers = root, hashers
+        self.upcoming = iter(chunks)
+        self.free: list[torch.Tensor] = []
+        self.pending: deque = deque()
+        self.chunk_bytes = max((chunk.nbytes for chunk in chunks), default=0)
+        self.readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="checkpoint-read")
+        self.hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash")
+        for _ in range(READ_AHEAD):
+            self._read_next()
+
+    def _read_next(self) -> None:
+        chunk = next(self.upcoming, None)
+        if chunk is not None:
+            buffer = self._buffer(chunk.nbytes)
+            self.pending.append((chunk, buffer, self.readers.submit(self._read_chunk, chunk, buffer)))
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        """A free buffer of at least `nbytes`, else a new one: at most READ_AHEAD + 1 exist at a time."""
+        for index, buffer in enumerate(self.free):
+            if buffer.numel() >= nbytes:
+                return self.free.pop(index)
+        if self.free:
+            self.free.pop()
+        return torch.empty(max(nbytes, self.chunk_bytes), dtype=torch.uint8)
+
+    def _read_chunk(self, chunk: _Chunk, buffer: torch.Tensor) -> None:
+        path = self.root / chunk.relative_path
+        memory = memoryview(buffer.numpy())
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for run in _runs(chunk.items):
+                views = [memory[item.position : item.position + item.info.length] for item in run]
+                _preadv_all(fd, views, run[0].info.offset, path)
+        finally:
+            os.close(fd)
+
+    def consume(self, copy_out) -> None:
+        """Calls copy_out(chunk, buffer) on each chunk in order, as its bytes arrive."""
+        try:
+            while self.pending:
+                chunk, buffer, read = self.pending.popleft()
+                read.result()
+                self._read_next()
+                # One hashing thread takes the chunks in file order, beside the copies.
+                hashed = self.hashing.submit(_hash, chunk, buffer, self.hashers.get(chunk.relative_path))
+                copy_out(chunk, buffer)
+                hashed.result()
+                self.free.append(buffer)
+        finally:
+            self.close()
+
+    def checksums(self) -> dict[str, str]:
+        return {name: hasher.hexdigest() for name, hasher in self.hashers.items()}
+
+    def close(self) -> None:
+        for _, _, read in self.pending:
+            read.cancel()
+        self.pending.clear()
+        self.readers.shutdown()
+        self.hashing.shutdown()
+
+
 class StreamingReader(FileSystemReader):
     def __init__(self, path, chunk_bytes: int = CHUNK_BYTES):
         super().__init__(path)
         self.chunk_bytes = chunk_bytes
         self.checksums: dict[str, str] = {}  # of each file read whole, as meta.json records them
+        self._started: tuple[list[MetadataIndex], _Stream] | None = None
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
@@ -129,12 +196,37 @@ class StreamingReader(FileSystemReader):
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        """The reads start here, with this rank's plan: they overlap DCP's exchange of the plans between ranks
+        (about a tenth of a 1 GB load). read_data takes them over when its plan is the same."""
+        plan = super().prepare_local_plan(plan)
+        stream = self._stream(plan)
+        if stream is not None:
+            self._started = ([request.storage_index for request in plan.items], stream)
+        return plan
+
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        started, self._started = self._started, None
+        if started is not None and started[0] == [request.storage_index for request in plan.items]:
+            stream = started[1]
+        else:
+            if started is not None:
+                started[1].close()
+            stream = self._stream(plan)
+        if stream is None:  # compressed or otherwise transformed items: DCP's own reader
+            return super().read_data(plan, planner)
+        stream.consume(lambda chunk, buffer: self._copy_out(chunk, buffer, planner))
+        self.checksums = stream.checksums()
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def _stream(self, plan: LoadPlan) -> _Stream | None:
         items: dict[MetadataIndex, _Item] = {}
         for request in plan.items:
             info = self.storage_data[request.storage_index]
-            if info.transform_descriptors:  # compressed or otherwise transformed: DCP's own reader
-                return super().read_data(plan, planner)
+            if info.transform_descriptors:
+                return None
             items.setdefault(request.storage_index, _Item(info)).requests.append(request)
         per_file: dict[str, list[_Item]] = {}
         for item in sorted(items.values(), key=lambda item: (item.info.relative_path, item.info.offset)):
@@ -142,13 +234,8 @@ class StreamingReader(FileSystemReader):
         hashers = {
             name: new_digest() for name, file_items in per_file.items() if self._whole(name, file_items)
         }
-        self._stream(
-            [chunk for name in per_file for chunk in self._chunks(name, per_file[name])], hashers, planner
-        )
-        self.checksums = {name: hasher.hexdigest() for name, hasher in hashers.items()}
-        done: Future[None] = Future()
-        done.set_result(None)
-        return done
+        chunks = [chunk for name in per_file for chunk in self._chunks(name, per_file[name])]
+        return _Stream(self.path, chunks, hashers)
 
     def _whole(self, name: str, file_items: list[_Item]) -> bool:
         """Whether the items cover the file from its first byte to its last, without a gap."""
@@ -168,57 +255,6 @@ class StreamingReader(FileSystemReader):
             chunks[-1].items.append(item)
             chunks[-1].nbytes += _padded(item.info.length)
         return chunks
-
-    def _stream(self, chunks: list[_Chunk], hashers: dict, planner: LoadPlanner) -> None:
-        free: list[torch.Tensor] = []
-        pending = deque()
-        upcoming = iter(chunks)
-        with (
-            ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="checkpoint-read") as readers,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash") as hashing,
-        ):
-
-            def read_next() -> None:
-                chunk = next(upcoming, None)
-                if chunk is not None:
-                    buffer = self._buffer(free, chunk.nbytes)
-                    pending.append((chunk, buffer, readers.submit(self._read_chunk, chunk, buffer)))
-
-            try:
-                for _ in range(READ_AHEAD):
-                    read_next()
-                while pending:
-                    chunk, buffer, read = pending.popleft()
-                    read.result()
-                    read_next()
-                    # One hashing thread takes the chunks in file order, beside the copies.
-                    hashed = hashing.submit(_hash, chunk, buffer, hashers.get(chunk.relative_path))
-                    self._copy_out(chunk, buffer, planner)
-                    hashed.result()
-                    free.append(buffer)
-            finally:
-                for _, _, read in pending:
-                    read.cancel()
-
-    def _buffer(self, free: list[torch.Tensor], nbytes: int) -> torch.Tensor:
-        """A free buffer of at least `nbytes`, else a new one: at most READ_AHEAD + 1 exist at a time."""
-        for index, buffer in enumerate(free):
-            if buffer.numel() >= nbytes:
-                return free.pop(index)
-        if free:
-            free.pop()
-        return torch.empty(max(nbytes, self.chunk_bytes), dtype=torch.uint8)
-
-    def _read_chunk(self, chunk: _Chunk, buffer: torch.Tensor) -> None:
-        path = self.path / chunk.relative_path
-        memory = memoryview(buffer.numpy())
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            for run in _runs(chunk.items):
-                views = [memory[item.position : item.position + item.info.length] for item in run]
-                _preadv_all(fd, views, run[0].info.offset, path)
-        finally:
-            os.close(fd)
 
     def _copy_out(self, chunk: _Chunk, buffer: torch.Tensor, planner: LoadPlanner) -> None:
         for item in chunk.items:
