@@ -109,6 +109,15 @@ def test_the_reader_loads_what_dcp_loads_and_hashes_whole_files(tmp_path, chunk_
     assert torch.equal(only_b["b"], reference["b"]) and partial.checksums == {}
 
 
+def test_more_consecutive_items_than_one_preadv_takes(tmp_path):
+    """Linux takes at most 1024 buffers per preadv: a run of 1500 small items is read in two calls."""
+    saved = {f"t{i}": torch.full((3,), float(i)) for i in range(1500)}
+    with single_process_dcp():
+        dcp.save(saved, checkpoint_id=tmp_path, no_dist=True)
+    loaded = load({key: torch.zeros(3) for key in saved}, StreamingReader(tmp_path))
+    assert all(torch.equal(loaded[key], saved[key]) for key in saved)
+
+
 class OnlyA(SafeLoadPlanner):
     """A final plan that differs from the local plan the reads started with."""
 

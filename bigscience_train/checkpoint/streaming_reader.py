@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import itertools
 import os
 import pickle
 from collections import deque
@@ -78,7 +79,7 @@ def _preadv_all(fd: int, views: list[memoryview], offset: int, path) -> None:
     """Fills `views` from consecutive bytes of the file at `offset` (a read may return less than asked)."""
     views = deque(views)
     while views:
-        got = os.preadv(fd, list(views)[:IOV_MAX], offset)
+        got = os.preadv(fd, list(itertools.islice(views, IOV_MAX)), offset)
         if got == 0:
             raise ValueError(
                 f"{path}: ends at byte {offset:,}, before the items its checkpoint's metadata lists"
