@@ -153,9 +153,11 @@ def test_a_truncated_shard_is_named(tmp_path):
         dcp.save(state(1), checkpoint_id=tmp_path, no_dist=True)
     shard = next(tmp_path.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-100])
+    threads = torch.get_num_threads()
     with pytest.raises(CheckpointException) as raised:
         load(state(2), StreamingReader(tmp_path))
     assert f"{shard}: ends at byte" in str(raised.value.failures[0])
+    assert torch.get_num_threads() == threads  # the copies' single thread given back
 
 
 def test_a_metadata_file_carrying_code_is_refused_not_run(tmp_path):

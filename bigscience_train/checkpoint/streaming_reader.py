@@ -153,7 +153,11 @@ class _Stream:
             os.close(fd)
 
     def consume(self, copy_out) -> None:
-        """Calls copy_out(chunk, buffer) on each chunk in order, as its bytes arrive."""
+        """Calls copy_out(chunk, buffer) on each chunk in order, as its bytes arrive. The copies run on one
+        thread: torch's parallel copy took the core the reading and hashing threads need (one thread loaded
+        7-12% faster in an A/B on two cores)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         try:
             while self.pending:
                 chunk, buffer, read = self.pending.popleft()
@@ -165,6 +169,7 @@ class _Stream:
                 hashed.result()
                 self.free.append(buffer)
         finally:
+            torch.set_num_threads(threads)
             self.close()
 
     def checksums(self) -> dict[str, str]:
