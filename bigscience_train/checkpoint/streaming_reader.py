@@ -112,6 +112,11 @@ def _hash(chunk: _Chunk, buffer: torch.Tensor, hasher) -> None:
         hasher.update(memory[item.position : item.position + item.info.length])
 
 
+def _stored_items(plan: LoadPlan) -> list[MetadataIndex]:
+    """What a plan reads, in order: the reads started for one plan serve another only if these are equal."""
+    return [request.storage_index for request in plan.items]
+
+
 class _Stream:
     """The reads of one plan under way: READERS threads fill buffers READ_AHEAD chunks ahead of the copies."""
 
@@ -208,12 +213,12 @@ class StreamingReader(FileSystemReader):
         plan = super().prepare_local_plan(plan)
         stream = self._stream(plan)
         if stream is not None:
-            self._started = ([request.storage_index for request in plan.items], stream)
+            self._started = (_stored_items(plan), stream)
         return plan
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         started, self._started = self._started, None
-        if started is not None and started[0] == [request.storage_index for request in plan.items]:
+        if started is not None and started[0] == _stored_items(plan):
             stream = started[1]
         else:
             if started is not None:
