@@ -22,6 +22,21 @@ def time_per_call(fn: Callable[[], object], warmup: int, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each of `fns`, timed in turns (one call of each per round) after `warmup`
+    untimed calls of each: a drift of the machine's speed during the run falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def report(name: str, figures: dict, ratios: dict) -> Path:
     """Prints the figures and the ratios against their targets, then writes them (write_result)."""
     for key, value in figures.items():
