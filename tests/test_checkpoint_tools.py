@@ -1,12 +1,16 @@
+import warnings
+
 import pytest
 import torch
 
-from bigscience_train.checkpoint.dcp import steps_to_delete
+from bigscience_train.checkpoint.dcp import CheckpointManager, steps_to_delete
 from bigscience_train.checkpoint.hf_export import export_hf
 from bigscience_train.checkpoint.inspect import describe
 from bigscience_train.checkpoint.reader import iter_model_tensors, resolve_checkpoint
 from bigscience_train.config import load_config
 from bigscience_train.model import GPT, shape_from_config
+from bigscience_train.parallel.env import init_parallel
+from bigscience_train.train.loop import build_optimizer
 from tests.conftest import run_cli
 from tests.test_train import train
 
@@ -142,3 +146,25 @@ def test_a_damaged_shard_is_named(trained, tmp_path):
     with pytest.raises(CheckpointIntegrityError, match=rf"{shard.name}: .* bytes, meta.json records"):
         export_hf(copy, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_one_process_load_exchanges_no_plans(trained, monkeypatch):
+    """With one process DCP loads without gathering and scattering its plans (they pickle every item)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("plans exchanged")
+
+    monkeypatch.setattr(torch.distributed, "gather_object", refuse)
+    monkeypatch.setattr(torch.distributed, "scatter_object_list", refuse)
+    cfg = load_config(["model=gpt_tiny"])
+    model = GPT(shape_from_config(cfg.model))
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    manager = CheckpointManager(trained / "checkpoints", init_parallel(1, 1, None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = manager.load(manager.latest(), model, optimizer)
+    assert state.step == 6
+    assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
+    saved = dict(iter_model_tensors(resolve_checkpoint(trained)))
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in saved.items())
+    assert optimizer.state and all(s["step"] == 6 for s in optimizer.state.values())
