@@ -3,8 +3,9 @@
 DCP's FileSystemReader takes the items one at a time: a torch.load of each through a view of the file (a read
 into fresh memory, then a copy into the state dict), so the disk waits while tensors are copied, and checking
 the files' checksums costs a pass of its own. This reader groups the items a rank needs into chunks of
-consecutive items. READERS threads read the chunks in order into reused buffers, each item at an aligned
-offset, and one more thread hashes every file the rank reads whole as its bytes go by. The reads start as soon
+consecutive items. READERS threads read the chunks in order (the last one first: see _Stream) into reused
+buffers, each item at an aligned offset, and one more thread hashes every file the rank reads whole as its
+bytes go by. The reads start as soon
 as DCP hands the reader this rank's plan, before DCP's planning ends. Meanwhile the calling thread copies each
 tensor from its buffer (`saved_object`: a view, no copy) into its destination. Metadata and the items that are
 not tensors go through safe_load: no code from the checkpoint runs.
