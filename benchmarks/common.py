@@ -12,14 +12,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def time_per_call(fn: Callable[[], object], warmup: int, repeats: int) -> float:
     """Median seconds of `repeats` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return time_interleaved({"": fn}, warmup, repeats)[""]
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, rounds: int) -> dict[str, float]:

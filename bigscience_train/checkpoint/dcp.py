@@ -12,7 +12,6 @@ import json
 import random
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from bigscience_train.checkpoint.integrity import (
     share,
 )
 from bigscience_train.checkpoint.paths import LATEST, committed_steps, latest_checkpoint, step_dir_name
+from bigscience_train.checkpoint.reader import single_process_dcp
 from bigscience_train.checkpoint.safe_load import SafeLoadPlanner
 from bigscience_train.checkpoint.streaming_reader import StreamingReader, collector_paused
 from bigscience_train.fsutil import atomic_write_text
@@ -257,11 +257,14 @@ class CheckpointManager:
         reader = StreamingReader(path)
         # One process has no plans to exchange: DCP's gather and scatter of them still pickle every item
         # (0.05 s, up to 0.2 s on a process's first load while the reads contend for the cores).
-        alone = self.penv.world_size == 1
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-                dcp.load(to_load, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=alone)
+            with single_process_dcp():
+                dcp.load(
+                    to_load,
+                    storage_reader=reader,
+                    planner=SafeLoadPlanner(),
+                    no_dist=self.penv.world_size == 1,
+                )
         except BaseException:
             self.verify(path)
             raise

@@ -5,10 +5,10 @@ into fresh memory, then a copy into the state dict), so the disk waits while ten
 the files' checksums costs a pass of its own. This reader groups the items a rank needs into chunks of
 consecutive items. READERS threads read the chunks in order (the last one first: see _Stream) into reused
 buffers, each item at an aligned offset, and one more thread hashes every file the rank reads whole as its
-bytes go by. The reads start as soon
-as DCP hands the reader this rank's plan, before DCP's planning ends. Meanwhile the calling thread copies each
-tensor from its buffer (`saved_object`: a view, no copy) into its destination. Metadata and the items that are
-not tensors go through safe_load: no code from the checkpoint runs.
+bytes go by. The reads start as soon as DCP hands the reader this rank's plan, before DCP's planning ends.
+Meanwhile the calling thread copies each tensor from its buffer (`saved_object`: a view, no copy) into its
+destination. Metadata and the items that are not tensors go through safe_load: no code from the checkpoint
+runs.
 """
 
 from __future__ import annotations
@@ -167,9 +167,9 @@ class _Stream:
             os.close(fd)
 
     def consume(self, copy_out) -> None:
-        """Calls copy_out(chunk, buffer) on each chunk as its bytes arrive, the last one first. The copies run on one
-        thread: torch's parallel copy took the core the reading and hashing threads need (one thread loaded
-        7-12% faster in an A/B on two cores)."""
+        """Calls copy_out(chunk, buffer) on each chunk as its bytes arrive, the last one first. The copies run
+        on one thread: torch's parallel copy took the core the reading and hashing threads need (one thread
+        loaded 7-12% faster in an A/B on two cores)."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         read_buffers: dict[int, torch.Tensor] = {}  # by chunk index, until hashed
@@ -190,6 +190,7 @@ class _Stream:
                     )
                     next_to_hash += 1
                 copy_out(self.chunks[index], buffer)
+                # Every chunk handed to the hasher so far has been copied out: its buffer is free once hashed.
                 while hashing:
                     hashed, hashed_index = hashing.popleft()
                     hashed.result()
