@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import re
 import struct
 import sys
 import zipfile
@@ -31,6 +32,8 @@ _STORAGE_DTYPES = {
 _END_OF_DIRECTORY = struct.Struct("<IHHHHIIH")
 _DIRECTORY_ENTRY = struct.Struct("<IHHHHHHIIIHHHHHII")
 _LOCAL_HEADER_SIZE = 30
+_LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
+_TENSOR_RECORD = re.compile(rb"[^/]*/data/\d+")
 _SATURATED = (0xFFFF, 0xFFFFFFFF)
 _SMALL_ARCHIVE = 64 << 10  # zip64 or a comment: zipfile reads those
 
@@ -65,19 +68,31 @@ class _MemoryFile(io.RawIOBase):
         return len(part)
 
 
-def _data_start(view: memoryview, local_header: int) -> int:
+def _data_start(view: memoryview, local_header: int, readable=None) -> int:
+    _check(readable, local_header, _LOCAL_HEADER_SIZE)
     name_length, extra_length = struct.unpack_from("<HH", view, local_header + 26)
     return local_header + _LOCAL_HEADER_SIZE + name_length + extra_length
 
 
-def _records(view: memoryview) -> dict[str, tuple[int, int]]:
+def _check(readable, offset: int, size: int) -> None:
+    """For an archive read in part: the bytes about to be parsed must be among those read."""
+    if readable is not None and not readable(offset, size):
+        raise _Unusual
+
+
+def _records(view: memoryview, readable=None) -> dict[str, tuple[int, int]]:
     """Offset and size of each record of the archive, named without the archive's top folder. The central
-    directory is read with struct; an archive with zip64 fields or a comment, with zipfile."""
+    directory is read with struct; an archive with zip64 fields or a comment, with zipfile. `readable(offset,
+    size)`, where only some of the archive's bytes are in `view`, says which."""
+    _check(readable, len(view) - 22, 22)
     signature, *_, count, _, directory, comment = _END_OF_DIRECTORY.unpack_from(view, len(view) - 22)
     if signature != 0x06054B50 or count in _SATURATED or directory in _SATURATED or comment:
+        if readable is not None:
+            raise _Unusual
         return _records_by_zipfile(view)
     records, position = {}, directory
     for _ in range(count):
+        _check(readable, position, _DIRECTORY_ENTRY.size)
         entry = _DIRECTORY_ENTRY.unpack_from(view, position)
         method, size, name_length, extra_length, comment_length, local_header = (
             entry[4],
@@ -93,9 +108,12 @@ def _records(view: memoryview) -> dict[str, tuple[int, int]]:
             or size in _SATURATED
             or local_header in _SATURATED
         ):
+            if readable is not None:
+                raise _Unusual
             return _records_by_zipfile(view)
+        _check(readable, position + 46, name_length)
         name = bytes(view[position + 46 : position + 46 + name_length]).decode()
-        records[name.partition("/")[2]] = (_data_start(view, local_header), size)
+        records[name.partition("/")[2]] = (_data_start(view, local_header, readable), size)
         position += 46 + name_length + extra_length + comment_length
     return records
 
@@ -109,31 +127,35 @@ def _records_by_zipfile(view: memoryview) -> dict[str, tuple[int, int]]:
     return records
 
 
-def _tensor_records(view: memoryview) -> dict[str, tuple[int, int]]:
+def _tensor_records(view: memoryview, readable=None) -> dict[str, tuple[int, int]]:
     """The records, for an archive whose tensor bytes are in this machine's byte order."""
-    records = _records(view)
+    records = _records(view, readable)
     order = records.get("byteorder")
-    if order is not None and bytes(view[order[0] : order[0] + order[1]]) != sys.byteorder.encode():
-        raise _Unusual
+    if order is not None:
+        _check(readable, *order)
+        if bytes(view[order[0] : order[0] + order[1]]) != sys.byteorder.encode():
+            raise _Unusual
     return records
 
 
 class _DataUnpickler(pickle.Unpickler):
-    """Reads data.pkl, the archive's first record. A small archive (a value, no tensor data) is read from where
-    data.pkl starts to the pickle's own end, with no look at the zip directory; a large one (tensor data:
-    megabytes not to copy) is sliced to data.pkl's size from the directory."""
+    """Reads data.pkl, the archive's first record. A small archive (a value, no tensor data) held whole is read
+    from where data.pkl starts to the pickle's own end, with no look at the zip directory; a large one (tensor
+    data: megabytes not to copy) or one read in part is sliced to data.pkl's size from the directory. What a
+    tensor's storage becomes is the subclass's `storage`."""
 
-    def __init__(self, archive: torch.Tensor):
-        view = memoryview(archive.numpy())
+    def __init__(self, view: memoryview, readable=None):
         signature, name_length = struct.unpack_from("<I22xH", view)
         if signature != 0x04034B50 or not bytes(
             view[_LOCAL_HEADER_SIZE : _LOCAL_HEADER_SIZE + name_length]
         ).endswith(b"/data.pkl"):
             raise _Unusual
-        self.archive, self.view = archive, view
-        self.records = _tensor_records(view) if len(view) > _SMALL_ARCHIVE else None
+        self.view, self.readable = view, readable
+        small = len(view) <= _SMALL_ARCHIVE and readable is None
+        self.records = None if small else _tensor_records(view, readable)
         start = _data_start(view, 0)
         end = start + self.records["data.pkl"][1] if self.records else len(view)
+        _check(readable, start, end - start)
         super().__init__(io.BytesIO(view[start:end]))
 
     def find_class(self, module: str, name: str):
@@ -147,17 +169,43 @@ class _DataUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if self.records is None:
-            self.records = _tensor_records(self.view)
+            self.records = _tensor_records(self.view, self.readable)
         kind, dtype, key, _location, numel = pid
         if kind != "storage" or not isinstance(dtype, torch.dtype) or f"data/{key}" not in self.records:
             raise _Unusual
         start, size = self.records[f"data/{key}"]
         if size != numel * dtype.itemsize:
             raise _Unusual
+        return self.storage(start, size, dtype)
+
+    def storage(self, start: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _ArchiveUnpickler(_DataUnpickler):
+    """Tensors view the archive's memory."""
+
+    def __init__(self, archive: torch.Tensor):
+        super().__init__(memoryview(archive.numpy()))
+        self.archive = archive
+
+    def storage(self, start: int, size: int, dtype: torch.dtype) -> torch.Tensor:
         data = self.archive[start : start + size]
         if data.data_ptr() % ALIGNMENT or data.storage_offset() % dtype.itemsize:
             data = data.clone()
         return data.view(dtype)
+
+
+class _LayoutUnpickler(_DataUnpickler):
+    """Tensors on the meta device (dtype, shape, strides, no data); `placed` keeps where their bytes are."""
+
+    placed: tuple[int, int] | None = None
+
+    def storage(self, start: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.placed is not None:  # a second storage: not one tensor
+            raise _Unusual
+        self.placed = (start, size)
+        return torch.empty(size // dtype.itemsize, dtype=dtype, device="meta")
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
@@ -173,6 +221,37 @@ def saved_object(archive: torch.Tensor):
     """What a torch.save archive holds; `archive` is a uint8 tensor of its bytes. Its tensors view `archive`'s
     memory where the archive starts at an ALIGNMENT-aligned address."""
     try:
-        return _DataUnpickler(archive).load()
+        return _ArchiveUnpickler(archive).load()
     except _Unusual:
         return torch.load(io.BytesIO(memoryview(archive.numpy())), map_location="cpu", weights_only=True)
+
+
+def saved_tensor_layout(view: memoryview, readable) -> tuple[int, torch.Tensor] | None:
+    """Where the bytes of the one tensor a torch.save archive holds start in it, and that tensor on the meta
+    device (dtype, shape, strides), from a `view` of the archive's length in which only the bytes that
+    `readable(offset, size)` accepts were read: its first and last few kB hold the pickle, the local headers
+    before the data and the directory. None where the archive is anything else or needs other bytes."""
+    try:
+        unpickler = _LayoutUnpickler(view, readable)
+        tensor = unpickler.load()
+    except Exception:  # whatever the bytes are, reading the archive whole reports it
+        return None
+    if not isinstance(tensor, torch.Tensor) or unpickler.placed is None:
+        return None
+    return unpickler.placed[0], tensor
+
+
+def tensor_record_start(head: memoryview) -> int | None:
+    """Where the first tensor record's bytes start (`data/<key>`), from the local headers among an archive's
+    first bytes; None if it is not among them. A guess for reading those bytes in place: the local headers of
+    torch.save's records are followed by data descriptors, so only the central directory, at the end, is sure."""
+    raw = bytes(head)
+    position = raw.find(_LOCAL_HEADER_SIGNATURE)
+    while 0 <= position <= len(raw) - _LOCAL_HEADER_SIZE:
+        name_length = struct.unpack_from("<H", raw, position + 26)[0]
+        name = raw[position + _LOCAL_HEADER_SIZE : position + _LOCAL_HEADER_SIZE + name_length]
+        if _TENSOR_RECORD.fullmatch(name):
+            start = _data_start(head, position)
+            return start if start <= len(raw) else None
+        position = raw.find(_LOCAL_HEADER_SIGNATURE, position + 1)
+    return None

@@ -3,11 +3,13 @@
 DCP's FileSystemReader takes the items one at a time: a torch.load of each through a view of the file (a read
 into fresh memory, then a copy into the state dict), so the disk waits while tensors are copied, and checking
 the files' checksums costs a pass of its own. This reader groups the items a rank needs into chunks of
-consecutive items. READERS threads read the chunks in order (the last one first: see _Stream) into reused
-buffers, each item at an aligned offset, and one more thread hashes every file the rank reads whole as its
-bytes go by. The reads start as soon as DCP hands the reader this rank's plan, before DCP's planning ends.
-Meanwhile the calling thread copies each tensor from its buffer (`saved_object`: a view, no copy) into its
-destination. Metadata and the items that are not tensors go through safe_load: no code from the checkpoint
+consecutive items. READERS threads read the chunks in order (the last one first: see _Stream), and one more
+thread hashes every file the rank reads whole as its bytes go by. A large tensor whose destination takes its
+bytes as they are (on the CPU, contiguous, same dtype and shape) is read straight into it: no buffer pages, no
+copy (loads measured 0.64 -> 0.74 of the disk's read bandwidth). The other items are read into reused buffers,
+each at an aligned offset, and the calling thread copies each tensor from there (`saved_object`: a view, no
+copy) into its destination. The reads start as soon as DCP hands the reader this rank's plan, before DCP's
+planning ends. Metadata and the items that are not tensors go through safe_load: no code from the checkpoint
 runs.
 """
 
@@ -34,12 +36,19 @@ from torch.futures import Future
 
 from bigscience_train.checkpoint.integrity import new_digest
 from bigscience_train.checkpoint.safe_load import load_metadata
-from bigscience_train.checkpoint.saved_object import ALIGNMENT, saved_object
+from bigscience_train.checkpoint.saved_object import (
+    ALIGNMENT,
+    saved_object,
+    saved_tensor_layout,
+    tensor_record_start,
+)
 
 CHUNK_BYTES = 64 << 20
 READERS = 2  # reads in flight: one sequential reader leaves a virtual or network disk half idle
 READ_AHEAD = 3  # chunks being read while the calling thread copies out of one
 IOV_MAX = 1024  # buffers per preadv call (Linux's limit)
+DIRECT_BYTES = 1 << 20  # items this large are read straight into their destination where it allows
+ARCHIVE_HEAD = 4096  # an archive's first bytes: its pickle and the local header before the tensor's bytes
 
 
 @dataclass
@@ -49,6 +58,18 @@ class _Item:
     info: _StorageInfo
     requests: list[ReadItem] = field(default_factory=list)
     position: int = 0  # where the item starts in its chunk's buffer
+    target: torch.Tensor | None = None  # the destination to read the tensor's bytes into, where it allows
+    # Where the tensor's bytes start in the item, and the target's memory they were read into.
+    placed: tuple[int, memoryview] | None = None
+
+    def segments(self, buffer_memory: memoryview) -> list[memoryview]:
+        """Where the item's bytes go (or went), in order: its place in the chunk's buffer, or that place
+        around the target's bytes."""
+        region = buffer_memory[self.position : self.position + self.info.length]
+        if self.placed is None:
+            return [region]
+        start, data = self.placed
+        return [region[:start], data, region[start + len(data) :]]
 
 
 @dataclass
@@ -110,7 +131,68 @@ def _hash(chunk: _Chunk, buffer: torch.Tensor, hasher) -> None:
         return
     memory = memoryview(buffer.numpy())
     for item in chunk.items:
-        hasher.update(memory[item.position : item.position + item.info.length])
+        for segment in item.segments(memory):
+            hasher.update(segment)
+
+
+def _direct_target(item: _Item, planner: LoadPlanner) -> torch.Tensor | None:
+    """The destination that a large item's tensor can be read into as it is: on the CPU, contiguous."""
+    if item.info.length < DIRECT_BYTES or len(item.requests) != 1:
+        return None
+    request = item.requests[0]
+    if request.type != LoadItemType.TENSOR:
+        return None
+    target = planner.resolve_tensor(request).detach()
+    return target if target.device.type == "cpu" and target.is_contiguous() else None
+
+
+def _placement(item: _Item, head: memoryview) -> tuple[int, memoryview] | None:
+    """Where the item's tensor bytes would start, from the archive's first bytes, and the target's memory to
+    read them into. A guess that _confirm checks once the rest of the archive is read."""
+    start = tensor_record_start(head)
+    if start is None or start + item.target.nbytes > item.info.length:
+        return None
+    return start, memoryview(item.target.reshape(-1).view(torch.uint8).numpy())
+
+
+def _confirm(item: _Item, region: memoryview) -> bool:
+    """Whether the archive, read around its tensor's bytes, holds one tensor of the target's dtype and shape,
+    saved whole and contiguous, whose bytes start where they were read from."""
+    start, data = item.placed
+    layout = saved_tensor_layout(
+        region, lambda offset, size: offset + size <= start or offset >= start + len(data)
+    )
+    if layout is None:
+        return False
+    found, saved = layout
+    return (
+        found == start
+        and saved.dtype == item.target.dtype
+        and saved.shape == item.target.shape
+        and saved.is_contiguous()
+        and saved.storage_offset() == 0
+    )
+
+
+def _read_run(fd: int, run: list[_Item], memory: memoryview, path) -> None:
+    """Reads items stored back to back, in file order, each where its segments say. An item with a target
+    needs its first bytes to place its tensor's: they come with the read before it (one small read for the
+    run's first), so the disk sees one sequential pass. An item whose archive turns out other than guessed is
+    read again into the buffer, to be copied."""
+    views, offset = [], run[0].info.offset
+    for item in run:
+        if item.target is not None:
+            head = memory[item.position : item.position + min(ARCHIVE_HEAD, item.info.length)]
+            _preadv_all(fd, [*views, head], offset, path)
+            views, offset = [], item.info.offset
+            item.placed = _placement(item, head)
+        views += item.segments(memory)
+    _preadv_all(fd, views, offset, path)
+    for item in run:
+        region = memory[item.position : item.position + item.info.length]
+        if item.placed is not None and not _confirm(item, region):
+            item.placed = None
+            _preadv_all(fd, [region], item.info.offset, path)
 
 
 def _stored_items(plan: LoadPlan) -> list[MetadataIndex]:
@@ -127,6 +209,7 @@ class _Stream:
 
     def __init__(self, root, chunks: list[_Chunk], hashers: dict):
         self.root, self.hashers = root, hashers
+        self.planner: LoadPlanner | None = None  # known from read_data on: the reads into destinations
         self.chunks = chunks  # file order: the order they are hashed in
         order = list(range(len(chunks)))
         self.upcoming = ((index, chunks[index]) for index in order[-1:] + order[:-1])
@@ -135,15 +218,27 @@ class _Stream:
         self.chunk_bytes = max((chunk.nbytes for chunk in chunks), default=0)
         self.readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="checkpoint-read")
         self.hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash")
-        for _ in range(READ_AHEAD):
-            self._read_next()
+        self._read_next()
 
-    def _read_next(self) -> None:
+    def start(self, planner: LoadPlanner) -> None:
+        """Reads READ_AHEAD chunks ahead from here on, into their destinations where those allow. Before, while
+        DCP plans, only the first chunk is read (the last: small items, read into a buffer anyway): large
+        items read then would take a buffer's fresh pages and a copy each."""
+        self.planner = planner
+        while len(self.pending) < READ_AHEAD and self._read_next():
+            pass
+
+    def _read_next(self) -> bool:
         upcoming = next(self.upcoming, None)
-        if upcoming is not None:
-            index, chunk = upcoming
-            buffer = self._buffer(chunk.nbytes)
-            self.pending.append((index, buffer, self.readers.submit(self._read_chunk, chunk, buffer)))
+        if upcoming is None:
+            return False
+        index, chunk = upcoming
+        if self.planner is not None:
+            for item in chunk.items:
+                item.target = _direct_target(item, self.planner)
+        buffer = self._buffer(chunk.nbytes)
+        self.pending.append((index, buffer, self.readers.submit(self._read_chunk, chunk, buffer)))
+        return True
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
         """A free buffer of at least `nbytes`, else a new one: at most READ_AHEAD + 2 exist at a time (one
@@ -161,8 +256,7 @@ class _Stream:
         fd = os.open(path, os.O_RDONLY)
         try:
             for run in _runs(chunk.items):
-                views = [memory[item.position : item.position + item.info.length] for item in run]
-                _preadv_all(fd, views, run[0].info.offset, path)
+                _read_run(fd, run, memory, path)
         finally:
             os.close(fd)
 
@@ -248,6 +342,7 @@ class StreamingReader(FileSystemReader):
             stream = self._stream(plan)
         if stream is None:  # compressed or otherwise transformed items: DCP's own reader
             return super().read_data(plan, planner)
+        stream.start(planner)
         stream.consume(lambda chunk, buffer: self._copy_out(chunk, buffer, planner))
         self.checksums = stream.checksums()
         done: Future[None] = Future()
@@ -291,6 +386,9 @@ class StreamingReader(FileSystemReader):
 
     def _copy_out(self, chunk: _Chunk, buffer: torch.Tensor, planner: LoadPlanner) -> None:
         for item in chunk.items:
+            if item.placed is not None:
+                planner.commit_tensor(item.requests[0], item.target)
+                continue
             archive = buffer[item.position : item.position + item.info.length]
             tensor = None
             for request in item.requests:
