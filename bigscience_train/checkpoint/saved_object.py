@@ -68,6 +68,14 @@ class _MemoryFile(io.RawIOBase):
         return len(part)
 
 
+def _local_header_name(view, position: int) -> bytes | None:
+    """The record name in the local header at `position`; None if no local header starts there."""
+    if bytes(view[position : position + 4]) != _LOCAL_HEADER_SIGNATURE:
+        return None
+    name_length = struct.unpack_from("<H", view, position + 26)[0]
+    return bytes(view[position + _LOCAL_HEADER_SIZE : position + _LOCAL_HEADER_SIZE + name_length])
+
+
 def _data_start(view: memoryview, local_header: int, readable=None) -> int:
     _check(readable, local_header, _LOCAL_HEADER_SIZE)
     name_length, extra_length = struct.unpack_from("<HH", view, local_header + 26)
@@ -87,9 +95,7 @@ def _records(view: memoryview, readable=None) -> dict[str, tuple[int, int]]:
     _check(readable, len(view) - 22, 22)
     signature, *_, count, _, directory, comment = _END_OF_DIRECTORY.unpack_from(view, len(view) - 22)
     if signature != 0x06054B50 or count in _SATURATED or directory in _SATURATED or comment:
-        if readable is not None:
-            raise _Unusual
-        return _records_by_zipfile(view)
+        return _records_by_zipfile(view, readable)
     records, position = {}, directory
     for _ in range(count):
         _check(readable, position, _DIRECTORY_ENTRY.size)
@@ -108,9 +114,7 @@ def _records(view: memoryview, readable=None) -> dict[str, tuple[int, int]]:
             or size in _SATURATED
             or local_header in _SATURATED
         ):
-            if readable is not None:
-                raise _Unusual
-            return _records_by_zipfile(view)
+            return _records_by_zipfile(view, readable)
         _check(readable, position + 46, name_length)
         name = bytes(view[position + 46 : position + 46 + name_length]).decode()
         records[name.partition("/")[2]] = (_data_start(view, local_header, readable), size)
@@ -118,7 +122,9 @@ def _records(view: memoryview, readable=None) -> dict[str, tuple[int, int]]:
     return records
 
 
-def _records_by_zipfile(view: memoryview) -> dict[str, tuple[int, int]]:
+def _records_by_zipfile(view: memoryview, readable=None) -> dict[str, tuple[int, int]]:
+    if readable is not None:  # zipfile may read any byte, not only those read
+        raise _Unusual
     records = {}
     for info in zipfile.ZipFile(_MemoryFile(view)).infolist():
         if info.compress_type != zipfile.ZIP_STORED:
@@ -145,10 +151,8 @@ class _DataUnpickler(pickle.Unpickler):
     tensor's storage becomes is the subclass's `storage`."""
 
     def __init__(self, view: memoryview, readable=None):
-        signature, name_length = struct.unpack_from("<I22xH", view)
-        if signature != 0x04034B50 or not bytes(
-            view[_LOCAL_HEADER_SIZE : _LOCAL_HEADER_SIZE + name_length]
-        ).endswith(b"/data.pkl"):
+        name = _local_header_name(view, 0)
+        if name is None or not name.endswith(b"/data.pkl"):
             raise _Unusual
         self.view, self.readable = view, readable
         small = len(view) <= _SMALL_ARCHIVE and readable is None
@@ -248,9 +252,7 @@ def tensor_record_start(head: memoryview) -> int | None:
     raw = bytes(head)
     position = raw.find(_LOCAL_HEADER_SIGNATURE)
     while 0 <= position <= len(raw) - _LOCAL_HEADER_SIZE:
-        name_length = struct.unpack_from("<H", raw, position + 26)[0]
-        name = raw[position + _LOCAL_HEADER_SIZE : position + _LOCAL_HEADER_SIZE + name_length]
-        if _TENSOR_RECORD.fullmatch(name):
+        if _TENSOR_RECORD.fullmatch(_local_header_name(raw, position)):
             start = _data_start(head, position)
             return start if start <= len(raw) else None
         position = raw.find(_LOCAL_HEADER_SIGNATURE, position + 1)

@@ -177,8 +177,9 @@ def _confirm(item: _Item, region: memoryview) -> bool:
 def _read_run(fd: int, run: list[_Item], memory: memoryview, path) -> None:
     """Reads items stored back to back, in file order, each where its segments say. An item with a target
     needs its first bytes to place its tensor's: they come with the read before it (one small read for the
-    run's first), so the disk sees one sequential pass. An item whose archive turns out other than guessed is
-    read again into the buffer, to be copied."""
+    run's first), so the disk sees one sequential pass; its own read starts at its first byte again (those few
+    kB come from the page cache). An item whose archive turns out other than guessed is read again into the
+    buffer, to be copied."""
     views, offset = [], run[0].info.offset
     for item in run:
         if item.target is not None:
