@@ -7,10 +7,11 @@ import pickle
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import xxhash
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
-from bigscience_train.checkpoint import streaming_reader
+from bigscience_train.checkpoint import file_reads, streaming_reader
 from bigscience_train.checkpoint.integrity import file_checksum
 from bigscience_train.checkpoint.reader import single_process_dcp
 from bigscience_train.checkpoint.safe_load import SafeLoadPlanner
@@ -119,6 +120,32 @@ def test_more_consecutive_items_than_one_preadv_takes(tmp_path):
     assert all(torch.equal(loaded[key], saved[key]) for key in saved)
 
 
+@pytest.mark.parametrize("lengths", [[], [5], [10, 0, 3, 10], [1] * 30, [25, 7, 40]])
+def test_consecutive_views_are_cut_into_requests_of_bounded_size_and_count(monkeypatch, lengths):
+    monkeypatch.setattr(file_reads, "REQUEST_BYTES", 10)
+    monkeypatch.setattr(file_reads, "IOV_MAX", 4)
+    data = bytearray(range(sum(lengths)))
+    views, start = [], 0
+    for length in lengths:
+        views.append(memoryview(data)[start : start + length])
+        start += length
+    requests = list(file_reads.requests(views, 1000))
+    offset = 1000
+    for batch, at in requests:
+        size = sum(len(view) for view in batch)
+        assert at == offset and 0 < size <= 10 and len(batch) <= 4
+        offset += size
+    assert b"".join(bytes(view) for batch, _ in requests for view in batch) == bytes(data)
+
+
+@pytest.mark.parametrize("size", [0, 7, 100])
+def test_a_file_is_hashed_from_pieces_read_in_order(tmp_path, monkeypatch, size):
+    monkeypatch.setattr(file_reads, "REQUEST_BYTES", 7)
+    data = bytes(range(size))
+    (tmp_path / "shard").write_bytes(data)
+    assert file_checksum(tmp_path / "shard") == xxhash.xxh3_64(data).hexdigest()
+
+
 class OnlyA(SafeLoadPlanner):
     """A final plan that differs from the local plan the reads started with."""
 
@@ -200,10 +227,16 @@ def test_an_archive_in_the_other_byte_order_is_read_as_torch_load_reads_it(monke
     assert torch.equal(saved_object(held), expected)
 
 
+@pytest.mark.parametrize(
+    "request_bytes", [file_reads.REQUEST_BYTES, 1000], ids=["requests", "small-requests"]
+)
 @pytest.mark.parametrize("guess", ["right", "wrong"])
-def test_large_tensors_are_read_into_their_destinations_and_hashed_there(tmp_path, monkeypatch, guess):
+def test_large_tensors_are_read_into_their_destinations_and_hashed_there(
+    tmp_path, monkeypatch, guess, request_bytes
+):
     """Items of at least DIRECT_BYTES go straight into a destination that takes their bytes as they are; the
-    rest, and an archive whose layout the first bytes did not tell right, are read into the buffer and copied."""
+    rest, and an archive whose layout the first bytes did not tell right, are read into the buffer and copied.
+    Requests smaller than an item cut it, and the bytes before and after its tensor's, anywhere."""
     generator = torch.Generator().manual_seed(0)
     saved = {
         "whole": torch.randn(64, 48, generator=generator),
@@ -217,6 +250,7 @@ def test_large_tensors_are_read_into_their_destinations_and_hashed_there(tmp_pat
         dcp.save(saved, checkpoint_id=tmp_path, no_dist=True)
     monkeypatch.setattr(streaming_reader, "DIRECT_BYTES", 1024)
     monkeypatch.setattr(streaming_reader, "ARCHIVE_HEAD", 1024)  # the tail of each head lands in its target
+    monkeypatch.setattr(file_reads, "REQUEST_BYTES", request_bytes)
     guessed = streaming_reader.tensor_record_start
     if guess == "wrong":
         monkeypatch.setattr(streaming_reader, "tensor_record_start", lambda head: guessed(head) + ALIGNMENT)

@@ -2,8 +2,10 @@
 
 State: a GPT of ~91M parameters: fp32 weights and AdamW's two moments, 12 bytes per parameter, about 1.1 GB. Peers: a plain
 file of the same size written in 16 MB chunks then fsynced (like `dd conv=fsync`); the checkpoint's own files
-read in 16 MB requests (the same bytes at the same place on disk as our load reads), the faster of one request
-at a time and as many in flight as our reader keeps (READERS): a virtual or network disk reads faster with two. The page cache is dropped before each read, for ours and for the peer alike: the whole
+read in requests of our reader's size (REQUEST_BYTES), each through a fresh descriptor, as ours (the same bytes
+at the same place on disk as our load reads), the faster of one request at a time and two in flight: some
+virtual or network disks read faster with two. The page cache is dropped before each read, for ours and for
+the peer alike: the whole
 cache as root (`/proc/sys/vm/drop_caches`), else each file's pages (posix_fadvise DONTNEED, which a virtual
 disk may ignore). Ours: CheckpointManager.save (DCP shards, checksums, atomic commit) and .load (size and
 checksum verification, DCP load into the model and optimizer). Async: how long save() blocks the training
@@ -23,13 +25,13 @@ import torch
 
 from benchmarks.common import write_result
 from bigscience_train.checkpoint.dcp import CheckpointManager, TrainState
-from bigscience_train.checkpoint.streaming_reader import READERS
+from bigscience_train.checkpoint.file_reads import REQUEST_BYTES
 from bigscience_train.model import build_on_meta, materialize
 from bigscience_train.model.gpt import GPTShape
 from bigscience_train.parallel.env import init_parallel
 from bigscience_train.train.loop import build_optimizer
 
-CHUNK = 16 * 1024 * 1024
+CHUNK = 16 * 1024 * 1024  # the peer write's
 
 
 class _Optim:
@@ -64,15 +66,15 @@ def disk_write(path: Path, size: int) -> float:
 
 
 def disk_read(directory: Path, readers: int) -> float:
-    """Cold read of every file of `directory` in CHUNK requests, `readers` of them in flight (the bytes are
+    """Cold read of every file of `directory` in REQUEST_BYTES requests, `readers` of them in flight (the bytes are
     discarded)."""
     drop_cache(directory)
     requests = [
         (path, offset)
         for path in sorted(directory.iterdir())
-        for offset in range(0, path.stat().st_size, CHUNK)
+        for offset in range(0, path.stat().st_size, REQUEST_BYTES)
     ]
-    buffers = [bytearray(CHUNK) for _ in range(readers)]
+    buffers = [bytearray(REQUEST_BYTES) for _ in range(readers)]
 
     def read(index: int) -> None:
         path, offset = requests[index]
@@ -123,7 +125,7 @@ def main() -> None:
         sequential, concurrent, loads = [], [], []
         for _ in range(3):
             sequential.append(disk_read(path, 1))
-            concurrent.append(disk_read(path, READERS))
+            concurrent.append(disk_read(path, 2))
             loads.append(timed_load(manager, path, model, optimizer))
         sequential_read_bw, concurrent_read_bw, load_s = max(sequential), max(concurrent), min(loads)
         read_bw = max(sequential_read_bw, concurrent_read_bw)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import xxhash
 
-CHUNK = 8 * 1024 * 1024
+from bigscience_train.checkpoint.file_reads import file_pieces
 
 
 class CheckpointIntegrityError(ValueError):
@@ -27,9 +27,8 @@ def new_digest():
 
 def file_checksum(path: Path) -> str:
     digest = new_digest()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
+    for piece in file_pieces(path):
+        digest.update(piece)
     return digest.hexdigest()
 
 
