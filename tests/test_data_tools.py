@@ -104,6 +104,7 @@ def test_strict_stops_at_first_bad_line_and_leaves_nothing(tiny_data, tmp_path):
     assert list(tmp_path.iterdir()) == [corpus]
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_truncated_bin_is_reported_with_its_name(tiny_data, tmp_path):
     prefix = tmp_path / "copy"
     Path(f"{prefix}.idx").write_bytes(Path(tiny_data["prefix"] + ".idx").read_bytes())

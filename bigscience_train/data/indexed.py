@@ -9,6 +9,7 @@ with warnings.catch_warnings():
     # megatron-core warns at import that Transformer Engine and apex are absent; we use neither.
     warnings.simplefilter("ignore")
     from megatron.core.datasets.indexed_dataset import (
+        _INDEX_HEADER,
         IndexedDataset,
         IndexedDatasetBuilder,
         get_bin_path,
@@ -31,6 +32,11 @@ def open_indexed(prefix: str) -> IndexedDataset:
             open(path, "rb").close()
         except OSError as e:
             raise FileNotFoundError(f"dataset file {path}: {e.strerror}") from None
+    # Checked here, not left to megatron-core: its IndexedDataset, failing in its constructor, fails again
+    # in __del__ and prints that traceback beside our error.
+    with open(idx_path(prefix), "rb") as file:
+        if file.read(len(_INDEX_HEADER)) != _INDEX_HEADER:
+            raise ValueError(f"dataset {idx_path(prefix)} is not a valid Megatron index: bad header")
     try:
         dataset = IndexedDataset(prefix, mmap=True)
     except Exception as e:
