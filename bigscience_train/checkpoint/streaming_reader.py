@@ -6,14 +6,13 @@ the files' checksums costs a pass of its own. This reader groups the items a ran
 consecutive items. One thread reads the chunks in order (the last one first: see _Stream), in requests of at
 most the readahead window, each through a fresh descriptor (see file_reads: loads measured 0.64 -> 0.79 of the
 disk's read bandwidth, first loads 0.58-0.73 -> 0.82-0.84; a second reading thread, a second stream for the
-disk, measured slower), and one more thread
-hashes every file the rank reads whole as its bytes go by. A large tensor whose destination takes its
-bytes as they are (on the CPU, contiguous, same dtype and shape) is read straight into it: no buffer pages, no
-copy (loads measured 0.64 -> 0.74 of the disk's read bandwidth). The other items are read into reused buffers,
-each at an aligned offset, and the calling thread copies each tensor from there (`saved_object`: a view, no
-copy) into its destination. The reads start as soon as DCP hands the reader this rank's plan, before DCP's
-planning ends. Metadata and the items that are not tensors go through safe_load: no code from the checkpoint
-runs.
+disk, measured slower), and one more thread hashes every file the rank reads whole as its bytes go by. A large
+tensor whose destination takes its bytes as they are (on the CPU, contiguous, same dtype and shape) is read
+straight into it: no buffer pages, no copy (loads measured 0.64 -> 0.74 of the disk's read bandwidth). The
+other items are read into reused buffers, each at an aligned offset, and the calling thread copies each tensor
+from there (`saved_object`: a view, no copy) into its destination. The reads start as soon as DCP hands the
+reader this rank's plan, before DCP's planning ends. Metadata and the items that are not tensors go through
+safe_load: no code from the checkpoint runs.
 """
 
 from __future__ import annotations
@@ -237,9 +236,9 @@ class _Stream:
         return torch.empty(max(nbytes, self.chunk_bytes), dtype=torch.uint8)
 
     def _read_chunk(self, chunk: _Chunk, buffer: torch.Tensor) -> None:
-        memory = memoryview(buffer.numpy())
+        path, memory = self.root / chunk.relative_path, memoryview(buffer.numpy())
         for run in _runs(chunk.items):
-            _read_run(self.root / chunk.relative_path, run, memory)
+            _read_run(path, run, memory)
 
     def consume(self, copy_out) -> None:
         """Calls copy_out(chunk, buffer) on each chunk as its bytes arrive, the last one first. The copies run

@@ -27,16 +27,16 @@ def idx_path(prefix: str) -> str:
 
 def open_indexed(prefix: str) -> IndexedDataset:
     """Opens PREFIX.bin/.idx, turning megatron-core's bare assertions into errors that name the file."""
-    for path in (idx_path(prefix), bin_path(prefix)):
-        try:
-            open(path, "rb").close()
-        except OSError as e:
-            raise FileNotFoundError(f"dataset file {path}: {e.strerror}") from None
+    try:
+        with open(idx_path(prefix), "rb") as file:
+            header = file.read(len(_INDEX_HEADER))
+        open(bin_path(prefix), "rb").close()
+    except OSError as e:
+        raise FileNotFoundError(f"dataset file {e.filename}: {e.strerror}") from None
     # Checked here, not left to megatron-core: its IndexedDataset, failing in its constructor, fails again
     # in __del__ and prints that traceback beside our error.
-    with open(idx_path(prefix), "rb") as file:
-        if file.read(len(_INDEX_HEADER)) != _INDEX_HEADER:
-            raise ValueError(f"dataset {idx_path(prefix)} is not a valid Megatron index: bad header")
+    if header != _INDEX_HEADER:
+        raise ValueError(f"dataset {idx_path(prefix)} is not a valid Megatron index: bad header")
     try:
         dataset = IndexedDataset(prefix, mmap=True)
     except Exception as e:
