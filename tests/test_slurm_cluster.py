@@ -30,7 +30,7 @@ TRAIN = [
     "parallel.tp=2",
     "train.micro_batch_size=2",
     "train.global_batch_size=8",
-    # ~2.5 minutes of training: more than two jobs' worth under the chain test's 2-minute limit.
+    # 1.5-2.5 minutes of training (0.30-0.47 s a step): more than two jobs' worth in the chain test.
     "train.iters=320",
     "train.eval_interval=1000",
     "train.eval_iters=2",
@@ -124,8 +124,10 @@ def test_two_nodes_train_to_completion_and_a_cut_chain_ends_identical(slurm_env,
     carbon = sorted(p.name for p in (straight / "carbon").glob("*.csv"))
     assert carbon == [f"emissions-job{job}-node000.csv", f"emissions-job{job}-node001.csv"], carbon
 
-    # The same run under a 2-minute limit with the stop signal 30 s before it (Slurm may send it up to a minute
-    # earlier still): each job trains at most ~70 s, so the chain cuts the run at least twice.
+    # The same run under a 2-minute limit with the stop signal 60 s before it (Slurm may send it up to a minute
+    # earlier still): after a start of about 20 s each job trains at most ~40 s, less than half the run even at
+    # its fastest steps, so the chain cuts the run at least twice (measured: 5 cuts, about 55 steps a job). At
+    # 30 s before it a job trained up to 70 s, and a run at 0.30-0.37 s a step was cut only once.
     chain = tmp_path / "runs" / "chain"
     submitted_job(
         bigscience(
@@ -136,7 +138,7 @@ def test_two_nodes_train_to_completion_and_a_cut_chain_ends_identical(slurm_env,
             *data_overrides(tiny_data, chain),
             "name=chain",
             "cluster.time=2",
-            "cluster.signal_seconds=30",
+            "cluster.signal_seconds=60",
             "cluster.chain_jobs=12",
             cwd=tmp_path,
         )
