@@ -199,8 +199,9 @@ class CheckpointManager:
         return final
 
     def _cpu_group(self):
-        """Background writes coordinate over gloo, apart from the training collectives (NCCL on GPUs)."""
-        if self.penv.world_size == 1:
+        """Background writes coordinate over gloo, apart from the training collectives. DCP's async save
+        refuses a group without a CPU backend, so one process on a GPU (NCCL) needs this group too."""
+        if self.penv.world_size == 1 and self.penv.device.type == "cpu":
             return None
         if self._async_group is None:
             import torch.distributed as dist
