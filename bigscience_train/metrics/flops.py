@@ -54,6 +54,9 @@ def measured_matmul_peak(
     n = 256
     while n < max_n:
         a = torch.randn(n, n, dtype=dtype, device=device)
+        # A size's first matmul pays for its set-up (on a GPU, cuBLAS's handle and kernel choice: ~0.1 s).
+        torch.matmul(a, a)
+        sync()
         start = time.perf_counter()
         torch.matmul(a, a)
         sync()
