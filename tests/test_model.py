@@ -62,6 +62,18 @@ def test_shapes_and_causality(position):
     torch.testing.assert_close(model(tokens, logits_at=at), logits.flatten(0, 1)[at])
 
 
+@pytest.mark.parametrize("position", ["alibi", "rotary"])
+def test_flex_attention_computes_what_sdpa_computes(position):
+    """FlexAttention (ALiBi as a score modification, masked blocks skipped) against SDPA with its additive
+    bias, the same weights, on a sequence that is not a multiple of the kernel's 128-token blocks. Forward
+    only: torch has no CPU backward for FlexAttention (tests/test_cuda.py checks gradients on a GPU)."""
+    sdpa, flex = tiny(position), tiny(position, attention="flex")
+    flex.load_state_dict(sdpa.state_dict())
+    tokens = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        assert torch.allclose(flex(tokens), sdpa(tokens), atol=1e-5, rtol=1e-5)
+
+
 def test_learned_positions_have_their_own_table():
     assert "transformer.position_embeddings.weight" in tiny("learned").state_dict()
     for position in ("alibi", "rotary"):

@@ -124,6 +124,12 @@ def test_replicated_parameters_stay_identical_across_tp_ranks(tiny_data, tmp_pat
     assert "replicas identical" in out.stdout
 
 
+def test_flex_attention_under_tensor_parallel_gives_the_single_process_logits():
+    out = run_script("flex_tp_check.py", 2, [])
+    assert out.returncode == 0, out.stderr
+    assert "flex tensor-parallel logits match" in out.stdout
+
+
 def test_resume_with_two_data_parallel_ranks_is_bit_exact(tiny_data, tmp_path):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     common = [*COMMON, "train.iters=8"]

@@ -119,6 +119,12 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert losses(run) == losses(tmp_path / "straight")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's refusal")
+def test_flex_attention_is_refused_for_training_on_cpu(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="model.attention=flex trains on GPUs only"):
+        train(tiny_data, tmp_path / "run", "train.iters=2", "model.attention=flex")
+
+
 def test_incomplete_checkpoint_is_ignored(tiny_data, tmp_path):
     run = tmp_path / "run"
     train(tiny_data, run, "train.iters=3")

@@ -1,13 +1,16 @@
 """MFU of gpt_1b3 (24 layers x 2048, seq 2048, ALiBi) training on one GPU: bf16, torch.compile per block.
 
-Ours runs `Trainer.train_step` (data from a .bin/.idx dataset, AdamW, clipping). MFU is model FLOPs
-(Megatron's formula) per second over the device's dense bf16 peak from its data sheet, and over a square bf16
-matmul measured in the same run. Needs a GPU: on a CPU it records that it was skipped.
+Ours runs `Trainer.train_step` (data from a .bin/.idx dataset, AdamW, clipping), once per attention kernel
+(`model.attention`: SDPA with ALiBi as an additive bias, FlexAttention with ALiBi in the kernel), each model
+freed before the next is built. MFU is model FLOPs (Megatron's formula) per second over the device's dense
+bf16 peak from its data sheet, and over a square bf16 matmul measured in the same run. `--profile` prints
+where a step's GPU time goes. Needs a GPU: on a CPU it records that it was skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 from pathlib import Path
 
@@ -17,8 +20,20 @@ from benchmarks.common import report, time_per_call, write_result
 from benchmarks.train_throughput.bench import make_data
 from bigscience_train.config import load_config
 from bigscience_train.metrics.flops import flops_per_iteration, measured_matmul_peak, peak_flops
+from bigscience_train.model.attention import BACKENDS
 from bigscience_train.parallel.env import init_parallel
 from bigscience_train.train.loop import Trainer
+
+
+def print_profile(step, rows: int = 25) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+    print(
+        prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60)
+    )
 
 
 def main() -> None:
@@ -26,6 +41,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--device-name", default="h100", help="data-sheet peak to use: h100, h200, a100")
+    parser.add_argument("--attention", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--profile", action="store_true", help="print the GPU time per kernel of 2 steps")
     parser.add_argument(
         "overrides", nargs="*", help="more Hydra overrides, e.g. parallel.recompute=selective"
     )
@@ -34,45 +51,68 @@ def main() -> None:
         print("train_mfu: needs a GPU, skipped")
         write_result("train_mfu", {"figures": {}, "ratios": {}, "skipped": "needs a GPU"})
         return
-    with tempfile.TemporaryDirectory() as d:
-        prefix, tokenizer = make_data(Path(d))
-        cfg = load_config(
-            [
-                "model=gpt_1b3",
-                "precision=bf16",
-                "train.compile=true",
-                f"train.micro_batch_size={args.micro_batch}",
-                f"train.global_batch_size={args.micro_batch}",
-                "train.iters=100000",
-                f"data.blend=[{prefix}]",
-                f"data.tokenizer={tokenizer}",
-                f"data.cache_dir={d}/cache",
-                f"run_dir={d}/run",
-                "logging.carbon=false",
-                *args.overrides,
-            ]
-        )
-        trainer = Trainer(cfg, init_parallel(1, 1, None))
-        seconds = time_per_call(trainer.train_step, warmup=3, repeats=args.steps)
-    m = cfg.model
-    flops = flops_per_iteration(
-        args.micro_batch, m.seq_length, m.num_layers, m.hidden_size, trainer.shape.vocab_size
-    )
     spec = peak_flops(args.device_name, "bf16")
     measured = measured_matmul_peak(torch.bfloat16, max_n=8192, seconds=2.0, device="cuda")
     figures = {
         "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
         "micro_batch": args.micro_batch,
-        "step_seconds": seconds,
-        "tokens_per_s": args.micro_batch * m.seq_length / seconds,
-        "model_tflops": flops / seconds / 1e12,
         "matmul_peak_tflops": measured / 1e12,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
-    ratios = {
-        "gpt_1b3 MFU vs data-sheet bf16 peak": {"value": flops / seconds / spec, "target": 0.45},
-        "gpt_1b3 MFU vs measured matmul peak": {"value": flops / seconds / measured, "target": 0.45},
-    }
+    ratios = {}
+    with tempfile.TemporaryDirectory() as d:
+        prefix, tokenizer = make_data(Path(d))
+        penv = init_parallel(1, 1, None)
+        for attention in args.attention:
+            cfg = load_config(
+                [
+                    "model=gpt_1b3",
+                    f"model.attention={attention}",
+                    "precision=bf16",
+                    "train.compile=true",
+                    f"train.micro_batch_size={args.micro_batch}",
+                    f"train.global_batch_size={args.micro_batch}",
+                    "train.iters=100000",
+                    f"data.blend=[{prefix}]",
+                    f"data.tokenizer={tokenizer}",
+                    f"data.cache_dir={d}/cache",
+                    f"run_dir={d}/run",
+                    "logging.carbon=false",
+                    f"cluster.device={args.device_name}",
+                    *args.overrides,
+                ]
+            )
+            torch.cuda.reset_peak_memory_stats()
+            trainer = Trainer(cfg, penv)
+            seconds = time_per_call(trainer.train_step, warmup=3, repeats=args.steps)
+            m = cfg.model
+            flops = flops_per_iteration(
+                args.micro_batch, m.seq_length, m.num_layers, m.hidden_size, trainer.shape.vocab_size
+            )
+            figures[f"{attention}_step_seconds"] = seconds
+            figures[f"{attention}_tokens_per_s"] = args.micro_batch * m.seq_length / seconds
+            figures[f"{attention}_model_tflops"] = flops / seconds / 1e12
+            figures[f"{attention}_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            ratios[f"gpt_1b3 {attention} MFU vs data-sheet bf16 peak"] = {
+                "value": flops / seconds / spec,
+                "target": 0.45,
+            }
+            ratios[f"gpt_1b3 {attention} MFU vs measured matmul peak"] = {
+                "value": flops / seconds / measured,
+                "target": 0.45,
+            }
+            # Each variant's figures as soon as they are measured: a later variant may fail.
+            print(
+                f"{attention}: {seconds:.3f} s/step, {flops / seconds / 1e12:.0f} TFLOP/s, "
+                f"MFU {flops / seconds / spec:.3f} of the data sheet, {flops / seconds / measured:.3f} of the matmul",
+                flush=True,
+            )
+            if args.profile:
+                print(f"-- {attention}: GPU time per kernel, 2 steps")
+                print_profile(trainer.train_step)
+            del trainer
+            gc.collect()
+            torch.cuda.empty_cache()
     report("train_mfu", figures, ratios)
 
 

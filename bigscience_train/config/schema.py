@@ -18,6 +18,11 @@ class Position(str, Enum):
     rotary = "rotary"
 
 
+class Attention(str, Enum):
+    sdpa = "sdpa"
+    flex = "flex"
+
+
 class Dtype(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -65,6 +70,9 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     rotary_base: float = 10000.0
+    # sdpa: torch's scaled_dot_product_attention, any device. flex: FlexAttention, compiled, with ALiBi computed
+    # in the kernel and masked blocks skipped (faster on GPUs; no CPU backward, no attention dropout).
+    attention: Attention = Attention.sdpa
 
 
 @dataclass

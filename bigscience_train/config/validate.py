@@ -76,6 +76,10 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
         m.position.value != "rotary" or (m.hidden_size // m.num_heads) % 2 == 0,
         f"model.position=rotary needs an even head size, got hidden_size/num_heads={m.hidden_size / m.num_heads:g}",
     )
+    need(
+        m.attention.value != "flex" or m.attention_dropout == 0,
+        f"model.attention=flex has no attention dropout; model.attention_dropout={m.attention_dropout} must be 0",
+    )
     need(m.num_heads % par.tp == 0, f"model.num_heads={m.num_heads} is not divisible by parallel.tp={par.tp}")
     stages = par.pp * par.virtual_stages
     units = m.num_layers + (2 if par.pp_count_embeddings else 0)

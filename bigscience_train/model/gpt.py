@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigscience_train.model import positions
+from bigscience_train.model.attention import AttentionMask, causal_attention, causal_mask
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class GPTShape:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     rotary_base: float = 10000.0
+    attention: str = "sdpa"  # sdpa | flex (bigscience_train/model/attention.py)
 
     @property
     def head_dim(self) -> int:
@@ -50,7 +52,7 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(shape.hidden_size, 3 * shape.hidden_size)
         self.dense = nn.Linear(shape.hidden_size, shape.hidden_size)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, rope: tuple | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: AttentionMask, rope: tuple | None) -> torch.Tensor:
         b, s, _ = x.shape
         # BLOOM's fused layout: per head, [q, k, v] contiguous. The head count is read from the tensor,
         # so a tensor-parallel shard that holds a slice of the heads runs the same code.
@@ -59,10 +61,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = positions.apply_rotary(q, *rope), positions.apply_rotary(k, *rope)
         dropout = self.attention_dropout if self.training else 0.0
-        if bias is None:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        out = causal_attention(q, k, v, mask, dropout)
         return self.dense(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -86,8 +85,8 @@ class Block(nn.Module):
         self.mlp = MLP(shape)
         self.dropout = nn.Dropout(shape.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, rope: tuple | None) -> torch.Tensor:
-        x = x + self.dropout(self.self_attention(self.input_layernorm(x), bias, rope))
+    def forward(self, x: torch.Tensor, mask: AttentionMask, rope: tuple | None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attention(self.input_layernorm(x), mask, rope))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -216,16 +215,16 @@ class GPT(nn.Module):
             x = self.embed(x)
         else:
             seq_len = x.shape[1] * self.sequence_shards
-        bias = rope = None
-        if self.shape.position == "alibi":
-            # Built in the dtype attention runs in: autocast would otherwise cast a copy in every layer.
-            device = x.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-            bias = positions.alibi_causal_bias(self.alibi_slopes, seq_len, dtype)
-        elif self.shape.position == "rotary":
+        # An ALiBi bias is built in the dtype attention runs in: autocast would otherwise cast a copy in every layer.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        slopes = self.alibi_slopes if self.shape.position == "alibi" else None
+        mask = causal_mask(self.shape.attention, slopes, seq_len, dtype, x.device)
+        rope = None
+        if self.shape.position == "rotary":
             rope = positions.rotary_cos_sin(self.rotary_inv_freq, seq_len, x.dtype)
         for block in t.h.values():
-            x = block(x, bias, rope)
+            x = block(x, mask, rope)
         if self.lm_head is None:
             return x
         if logits_at is not None:

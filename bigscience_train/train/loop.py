@@ -111,6 +111,11 @@ class Trainer:
                 f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size"
             )
         self.shape = shape_from_config(cfg.model, penv.tp)
+        if self.shape.attention == "flex" and penv.device.type == "cpu":
+            raise ValueError(
+                "model.attention=flex trains on GPUs only (torch's FlexAttention has no backward on CPU); "
+                "use model.attention=sdpa"
+            )
         seed_everything(tr.seed)
         self.num_parameters = count_parameters(build_on_meta(self.shape))
         built = build_parallel_model(self.shape, cfg.parallel, penv, tr.seed, tr.compile)

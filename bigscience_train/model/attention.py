@@ -1,0 +1,85 @@
+"""Causal self-attention kernels: PyTorch's SDPA, or FlexAttention.
+
+sdpa: ALiBi enters as an additive (1, heads, seq, seq) bias, which keeps SDPA off its flash kernel (that one
+takes no bias): the fused kernels that take a bias compute every block of the score matrix, the masked half too.
+flex: ALiBi is a score modification computed inside the kernel in fp32, and the block mask skips the blocks
+above the diagonal. FlexAttention is compiled (Triton on GPUs); torch has no CPU backward for it, so it is for
+training on GPUs. Both take q, k, v of shape (batch, heads, seq, head_dim) and return the same layout.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from bigscience_train.model import positions
+
+BACKENDS = ("sdpa", "flex")
+
+
+@dataclass(frozen=True)
+class FlexMask:
+    """What FlexAttention needs: the causal block mask, and ALiBi slopes (of this rank's heads) or None."""
+
+    block_mask: BlockMask
+    alibi_slopes: torch.Tensor | None
+
+
+# What a block's attention takes: an additive bias (SDPA with ALiBi), None (SDPA, causal), or a FlexMask.
+AttentionMask = torch.Tensor | FlexMask | None
+
+
+def _causal(batch, head, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functools.lru_cache(maxsize=8)
+def causal_block_mask(seq_len: int, device: torch.device) -> BlockMask:
+    """One per sequence length and device: building it walks the whole mask once."""
+    return create_block_mask(_causal, None, None, seq_len, seq_len, device=device)
+
+
+def causal_mask(
+    backend: str, alibi_slopes: torch.Tensor | None, seq_len: int, dtype: torch.dtype, device: torch.device
+) -> AttentionMask:
+    """The mask every block of one forward shares. alibi_slopes: None for models without ALiBi."""
+    if backend == "flex":
+        return FlexMask(causal_block_mask(seq_len, device), alibi_slopes)
+    if alibi_slopes is None:
+        return None
+    return positions.alibi_causal_bias(alibi_slopes, seq_len, dtype)
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: FlexMask) -> torch.Tensor:
+    slopes = mask.alibi_slopes
+    score_mod = None
+    if slopes is not None:
+        # Created inside the compiled function: a closure made outside would be a new object per call, and
+        # each would cost a recompilation.
+        def score_mod(score, batch, head, q_idx, kv_idx):
+            return score - slopes[head] * (q_idx - kv_idx)
+
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=mask.block_mask)
+
+
+@functools.cache
+def _compiled_flex():
+    """Eager flex_attention computes the whole score matrix in Python ops; compiled, it is one fused kernel.
+    Made on first use: torch.compile costs a second to set up."""
+    return torch.compile(_flex, dynamic=False)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout: float
+) -> torch.Tensor:
+    if isinstance(mask, FlexMask):
+        # Inside a compiled block, traced into the block's graph.
+        flex = _flex if torch.compiler.is_compiling() else _compiled_flex()
+        return flex(q, k, v, mask)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
