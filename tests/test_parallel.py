@@ -204,3 +204,16 @@ def test_nan_loss_on_one_rank_skips_everywhere_then_stops_every_rank(tiny_data, 
     )
     assert [r["skipped"] for r in report] == [[2, 3, 4]] * 4
     assert all("3 consecutive steps had a non-finite loss" in r["error"] for r in report)
+
+
+def test_more_ranks_than_gpus_on_a_node_is_a_clear_error(monkeypatch):
+    from bigscience_train.parallel.env import rank_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert rank_device(0) == torch.device("cuda", 0)
+    with pytest.raises(
+        RuntimeError, match=r"local rank 1 has no GPU: this node shows 1 \(CUDA_VISIBLE_DEVICES=3\)"
+    ):
+        rank_device(1)

@@ -86,14 +86,28 @@ class ParallelEnv:
         return t
 
 
+def rank_device(local_rank: int) -> torch.device:
+    """The GPU of this rank's place on its node (one rank per GPU, as NCCL needs), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    gpus = torch.cuda.device_count()
+    if local_rank >= gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError(
+            f"local rank {local_rank} has no GPU: this node shows {gpus}"
+            + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+            + f"; start one rank per GPU (torchrun --nproc_per_node {gpus}, or cluster.procs_per_node={gpus}), "
+            "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU over gloo"
+        )
+    return torch.device("cuda", local_rank)
+
+
 def init_parallel(tp: int, pp: int, dp: int | None, timeout_minutes: float = 30.0) -> ParallelEnv:
     rank, world, local_rank = launcher_env()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = rank_device(local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     dp = dp if dp is not None else world // (tp * pp)
     if not dist.is_initialized():
         if world > 1:
