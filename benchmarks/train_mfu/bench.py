@@ -19,8 +19,8 @@ import torch
 from benchmarks.common import report, time_per_call, write_result
 from benchmarks.train_throughput.bench import make_data
 from bigscience_train.config import load_config
+from bigscience_train.config.schema import Attention
 from bigscience_train.metrics.flops import flops_per_iteration, measured_matmul_peak, peak_flops
-from bigscience_train.model.attention import BACKENDS
 from bigscience_train.parallel.env import init_parallel
 from bigscience_train.train.loop import Trainer
 
@@ -41,7 +41,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--device-name", default="h100", help="data-sheet peak to use: h100, h200, a100")
-    parser.add_argument("--attention", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    kernels = [a.value for a in Attention]
+    parser.add_argument("--attention", nargs="+", default=kernels, choices=kernels)
     parser.add_argument("--profile", action="store_true", help="print the GPU time per kernel of 2 steps")
     parser.add_argument(
         "overrides", nargs="*", help="more Hydra overrides, e.g. parallel.recompute=selective"
@@ -102,9 +103,10 @@ def main() -> None:
                 "target": 0.45,
             }
             # Each variant's figures as soon as they are measured: a later variant may fail.
+            rate = flops / seconds
             print(
-                f"{attention}: {seconds:.3f} s/step, {flops / seconds / 1e12:.0f} TFLOP/s, "
-                f"MFU {flops / seconds / spec:.3f} of the data sheet, {flops / seconds / measured:.3f} of the matmul",
+                f"{attention}: {seconds:.3f} s/step, {rate / 1e12:.0f} TFLOP/s, MFU {rate / spec:.3f} of the "
+                f"data sheet, {rate / measured:.3f} of the matmul",
                 flush=True,
             )
             if args.profile:

@@ -1,7 +1,8 @@
 """Causal self-attention kernels: PyTorch's SDPA, or FlexAttention.
 
 sdpa: ALiBi enters as an additive (1, heads, seq, seq) bias, which keeps SDPA off its flash kernel (that one
-takes no bias): the fused kernels that take a bias compute every block of the score matrix, the masked half too.
+takes no bias): the fused kernels that take a bias compute every block of the score matrix, the masked half
+too.
 flex: ALiBi is a score modification computed inside the kernel in fp32, and the block mask skips the blocks
 above the diagonal. FlexAttention is compiled (Triton on GPUs); torch has no CPU backward for it, so it is for
 training on GPUs. Both take q, k, v of shape (batch, heads, seq, head_dim) and return the same layout.
@@ -17,8 +18,6 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from bigscience_train.model import positions
-
-BACKENDS = ("sdpa", "flex")
 
 
 @dataclass(frozen=True)

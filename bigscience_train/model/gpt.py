@@ -215,7 +215,7 @@ class GPT(nn.Module):
             x = self.embed(x)
         else:
             seq_len = x.shape[1] * self.sequence_shards
-        # An ALiBi bias is built in the dtype attention runs in: autocast would otherwise cast a copy in every layer.
+        # An ALiBi bias is built in the dtype attention runs in: autocast would cast it in every layer.
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         slopes = self.alibi_slopes if self.shape.position == "alibi" else None

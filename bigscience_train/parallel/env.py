@@ -96,8 +96,8 @@ def rank_device(local_rank: int) -> torch.device:
         raise RuntimeError(
             f"local rank {local_rank} has no GPU: this node shows {gpus}"
             + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
-            + f"; start one rank per GPU (torchrun --nproc_per_node {gpus}, or cluster.procs_per_node={gpus}), "
-            "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU over gloo"
+            + f"; start one rank per GPU (torchrun --nproc_per_node {gpus}, "
+            f"or cluster.procs_per_node={gpus}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU"
         )
     return torch.device("cuda", local_rank)
 
