@@ -7,8 +7,10 @@ skipped with the reason.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bigscience_train.checkpoint.reader import iter_model_tensors, resolve_checkpoint
-from tests.conftest import ROOT, data_overrides
+from tests.conftest import ROOT, data_overrides, read_metrics, run_cli
 
 CLUSTER_SCRIPT = ROOT / "slurm" / "local_cluster.sh"
 CLUSTER_DIR = Path(os.environ.get("BIGSCIENCE_SLURM_DIR", "/var/tmp/bigscience-slurm"))
@@ -30,7 +32,6 @@ TRAIN = [
     "parallel.tp=2",
     "train.micro_batch_size=2",
     "train.global_batch_size=8",
-    # 1.5-2.5 minutes of training (0.30-0.47 s a step): more than two jobs' worth in the chain test.
     "train.iters=320",
     "train.eval_interval=1000",
     "train.eval_iters=2",
@@ -53,7 +54,11 @@ def slurm_env():
     if os.geteuid() != 0:
         _unavailable("the local Slurm cluster needs root (slurm/local_cluster.sh installs and starts it)")
     env = {**os.environ, "SLURM_CONF": str(CLUSTER_DIR / "slurm.conf"), "PYTHONHASHSEED": "0"}
-    was_up = subprocess.run(["sinfo"], env=env, capture_output=True).returncode == 0
+    # On a fresh machine Slurm is not installed yet: local_cluster.sh installs it below.
+    was_up = (
+        shutil.which("sinfo") is not None
+        and subprocess.run(["sinfo"], env=env, capture_output=True).returncode == 0
+    )
     started = subprocess.run(
         ["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=900
     )
@@ -99,7 +104,20 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return dict(iter_model_tensors(resolve_checkpoint(run_dir)))
 
 
+def iters_for_two_minutes(tiny_data, run_dir: Path) -> int:
+    """Steps of TRAIN that take about two minutes on this machine, at the speed of a short run of the same 4
+    ranks under torchrun: at least 320 (0.30-0.47 s a step on a slow machine), 670 at 0.18 s a step."""
+    out = run_cli(["train", *TRAIN, "train.iters=30", *data_overrides(tiny_data, run_dir)], nproc=4)
+    assert out.returncode == 0, out.stderr
+    later = read_metrics(run_dir)[1:]  # each record averages 10 steps; the first has the warm-up in it
+    step_time = sum(r["step_time"] for r in later) / len(later)
+    return max(320, 10 * math.ceil(12 / step_time))
+
+
 def test_two_nodes_train_to_completion_and_a_cut_chain_ends_identical(slurm_env, tiny_data, tmp_path):
+    # The chain below cuts the run at least twice however fast the machine is: its training lasts more than
+    # twice the longest a job trains (see the chain).
+    iters = iters_for_two_minutes(tiny_data, tmp_path / "runs" / "timing")
     pwn = tmp_path / "pwned"
     straight = tmp_path / "runs" / "straight"
     job = submitted_job(
@@ -108,6 +126,7 @@ def test_two_nodes_train_to_completion_and_a_cut_chain_ends_identical(slurm_env,
             "slurm",
             "submit",
             *TRAIN,
+            f"train.iters={iters}",
             *data_overrides(tiny_data, straight),
             f"name='x$(touch {pwn})'",
             "logging.carbon=true",
@@ -125,9 +144,9 @@ def test_two_nodes_train_to_completion_and_a_cut_chain_ends_identical(slurm_env,
     assert carbon == [f"emissions-job{job}-node000.csv", f"emissions-job{job}-node001.csv"], carbon
 
     # The same run under a 2-minute limit with the stop signal 60 s before it (Slurm may send it up to a minute
-    # earlier still): after a start of about 20 s each job trains at most ~40 s, less than half the run even at
-    # its fastest steps, so the chain cuts the run at least twice (measured: 5 cuts, about 55 steps a job). At
-    # 30 s before it a job trained up to 70 s, and a run at 0.30-0.37 s a step was cut only once.
+    # earlier still): after a start of about 20 s each job trains at most ~40 s, less than half the run, so the
+    # chain cuts it at least twice (measured at 0.30-0.37 s a step and 320 steps: 5 cuts, about 55 steps a
+    # job). At 30 s before it a job trained up to 70 s; at 0.18 s a step, 320 steps were cut only once.
     chain = tmp_path / "runs" / "chain"
     submitted_job(
         bigscience(
@@ -135,6 +154,7 @@ def test_two_nodes_train_to_completion_and_a_cut_chain_ends_identical(slurm_env,
             "slurm",
             "submit",
             *TRAIN,
+            f"train.iters={iters}",
             *data_overrides(tiny_data, chain),
             "name=chain",
             "cluster.time=2",
@@ -147,7 +167,7 @@ def test_two_nodes_train_to_completion_and_a_cut_chain_ends_identical(slurm_env,
     out = logs(chain)
     cuts = re.findall(r"\[chain\] stopped at step (\d+) \(signal\)", out)
     assert len(cuts) >= 2, out
-    assert "training finished at step 320" in out and "cancelled the pending jobs" in out, out
+    assert f"training finished at step {iters}" in out and "cancelled the pending jobs" in out, out
     assert "state: finished" in status and "CANCELLED" in status, status
     a, b = final_weights(straight), final_weights(chain)
     assert a.keys() == b.keys()
