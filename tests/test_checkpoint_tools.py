@@ -1,3 +1,4 @@
+import json
 import warnings
 
 import pytest
@@ -168,3 +169,61 @@ def test_a_one_process_load_exchanges_no_plans(trained, monkeypatch):
     saved = dict(iter_model_tensors(resolve_checkpoint(trained)))
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in saved.items())
     assert optimizer.state and all(s["step"] == 6 for s in optimizer.state.values())
+
+
+def test_shards_are_written_without_crc32_and_dcps_own_reader_loads_them(trained):
+    """torch.save's CRC32 of every record is left out of the shards (meta.json's checksums guard them) and
+    switched back on after the save; DCP's FileSystemReader (torch.load per record) reads them as ours does."""
+    import struct
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from bigscience_train.checkpoint.reader import single_process_dcp
+
+    step = resolve_checkpoint(trained)
+    shard = next(step.glob("*.distcp")).read_bytes()
+    directory = shard.index(b"PK\x01\x02")  # the first archive's central directory
+    assert struct.unpack_from("<I", shard, directory + 16)[0] == 0  # its first record's CRC32
+    assert torch.serialization.get_crc32_options()
+    saved = dict(iter_model_tensors(step))
+    into = {"model": {name: torch.zeros_like(t) for name, t in saved.items()}}
+    with single_process_dcp():
+        dcp.load(into, storage_reader=FileSystemReader(step), no_dist=True)
+    assert all(torch.equal(into["model"][name], t) for name, t in saved.items())
+
+
+@pytest.mark.parametrize(("threads", "async_save"), [(1, False), (2, False), (2, True)])
+def test_checksums_taken_while_writing_are_those_of_the_files(tmp_path, threads, async_save):
+    from bigscience_train.checkpoint.dcp import TrainState
+    from bigscience_train.checkpoint.integrity import file_checksum
+
+    cfg = load_config(["model=gpt_tiny"])
+    model = GPT(shape_from_config(cfg.model))
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    manager = CheckpointManager(
+        tmp_path, init_parallel(1, 1, None), async_save=async_save, write_threads=threads
+    )
+    step = manager.save(model, optimizer, TrainState(step=1), "", {})
+    manager.finish()
+    meta = json.loads((step / "meta.json").read_text())
+    files = sorted(p.name for p in step.iterdir() if p.name != "meta.json")
+    assert len([f for f in files if f.endswith(".distcp")]) == threads
+    assert meta["checksums"] == {name: file_checksum(step / name) for name in files}
+
+
+def test_a_stream_not_written_front_to_back_gets_no_checksum(tmp_path):
+    from bigscience_train.checkpoint.hashing_writer import HashingWriter
+    from bigscience_train.checkpoint.integrity import file_checksum
+
+    fs = HashingWriter(tmp_path).fs
+    with fs.create_stream(tmp_path / "__0_0.distcp", "wb") as stream:
+        stream.write(b"abc")
+        stream.write(memoryview(b"defg"))
+    with fs.create_stream(tmp_path / "__0_1.distcp", "wb") as stream:
+        stream.write(b"abc")
+        stream.seek(0)
+        stream.write(b"x")
+    with fs.create_stream(tmp_path / ".metadata.tmp", "wb") as stream:
+        stream.write(b"not a shard")
+    assert fs.checksums == {"__0_0.distcp": file_checksum(tmp_path / "__0_0.distcp"), "__0_1.distcp": None}

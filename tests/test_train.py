@@ -259,3 +259,5 @@ def test_async_save_trains_identically_and_commits_every_checkpoint(tiny_data, t
     assert meta["async"] is True and meta["checksums"]
     resumed = train(tiny_data, run, "train.iters=8", "checkpoint.interval=2", "checkpoint.async_save=true")
     assert resumed.state.step == 8 and sync.state.step == 6
+    # Shards are written without torch.save's CRC32 (crc32_off) until the save is committed, then it is back.
+    assert torch.serialization.get_crc32_options()

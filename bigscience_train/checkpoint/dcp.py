@@ -12,6 +12,7 @@ import json
 import random
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,6 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
-from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from bigscience_train.checkpoint.hashing_writer import SHARD_SUFFIX, HashingWriter
 from bigscience_train.checkpoint.integrity import (
     CheckpointIntegrityError,
     checksums,
@@ -94,11 +95,14 @@ def steps_to_delete(steps: list[int], keep_last: int | None, keep_every: int | N
 class _PendingSave:
     """A save whose shards are still being written (async), committed by `finish()`."""
 
-    future: object | None
+    future: Future | None
+    # Done once the state is copied aside (async): the weights and optimizer state may change from then on.
+    staged: Future | None
     tmp: Path
     final: Path
     meta: dict
     start: float
+    writer: HashingWriter
 
 
 # Optimizer state and param-group settings keyed by parameter name ("state.<name>.exp_avg",
@@ -120,17 +124,30 @@ def rename_optim_state(optim_sd: dict, aliases: dict[str, str]) -> dict:
     return renamed
 
 
-class CachedStager(BlockingAsyncStager):
-    """Copies the state aside into buffers kept from one async save to the next (pinned where there is CUDA):
-    after the first save, staging is a plain copy, without allocating and faulting in gigabytes each time."""
+class BackgroundStager:
+    """Copies the state aside on a background thread into buffers kept from one async save to the next (pinned
+    where there is CUDA), then writes the copy there: the training step goes on meanwhile, and only the next
+    change of the weights or optimizer state waits for the copy (CheckpointManager.wait_staged). After the
+    first save a copy is a plain copy, without allocating and faulting in gigabytes each time. On a GPU the
+    copy runs on the device's default stream, in order with the training kernels."""
 
     def __init__(self):
-        super().__init__(cache_staged_state_dict=True)
+        self._cache: dict | None = None
+        # One thread: each save's copy, then its write, in the order of the saves.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
 
-    def stage(self, state_dict: dict) -> dict:
-        if self.state_dict_cache is None:
-            self.state_dict_cache = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
-        return _copy_state_dict(state_dict, self.state_dict_cache)
+    def _copy(self, state_dict: dict) -> dict:
+        if self._cache is None:
+            self._cache = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+        return _copy_state_dict(state_dict, self._cache)
+
+    def save(self, state_dict: dict, writer, process_group) -> tuple[Future, Future]:
+        """(the copy's future, the write's future)."""
+        staged = self._thread.submit(self._copy, state_dict)
+        written = self._thread.submit(
+            lambda: dcp.save(staged.result(), storage_writer=writer, process_group=process_group)
+        )
+        return staged, written
 
 
 class CheckpointManager:
@@ -142,15 +159,17 @@ class CheckpointManager:
         keep_every: int | None = None,
         async_save: bool = False,
         optim_aliases: dict[str, str] | None = None,
+        write_threads: int = 2,
     ):
         self.root = Path(root)
         self.penv = penv
         self.keep_last, self.keep_every = keep_last, keep_every
         self.async_save = async_save
+        self.write_threads = write_threads
         # Parameter names whose optimizer state is stored under another name (a pipeline's tied copy).
         self.optim_aliases = optim_aliases or {}
         self._pending: _PendingSave | None = None
-        self._stager = CachedStager() if async_save else None
+        self._stager = BackgroundStager() if async_save else None
         self._async_group = None
 
     def latest(self) -> Path | None:
@@ -180,27 +199,31 @@ class CheckpointManager:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
         optim_sd = rename_optim_state(optim_sd, self.optim_aliases)
         future = None
+        state_dict = {"model": model_sd, "optim": optim_sd}
+        writer = HashingWriter(tmp, thread_count=self.write_threads)
+        staged = None
         if self.async_save:
-            future = dcp.async_save(
-                {"model": model_sd, "optim": optim_sd},
-                checkpoint_id=str(tmp),
-                process_group=self._cpu_group(),
-                async_stager=self._stager,
-            )
+            staged, future = self._stager.save(state_dict, writer, self._cpu_group())
         else:
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+            dcp.save(state_dict, storage_writer=writer)
         torch.save({"rng": rng_state()}, tmp / f"rank_{self.penv.rank:05d}.pt")
         if self.penv.is_rank0:
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=2))
-        self._pending = _PendingSave(future, tmp, final, {**metadata, **asdict(state)}, start)
+        self._pending = _PendingSave(future, staged, tmp, final, {**metadata, **asdict(state)}, start, writer)
         if not self.async_save:
             self.finish()
         return final
 
+    def wait_staged(self) -> None:
+        """Returns once the last async save has copied the state aside: call it before changing the weights or
+        the optimizer state (the optimizer step, a load)."""
+        if self._pending is not None and self._pending.staged is not None:
+            self._pending.staged.result()
+
     def _cpu_group(self):
-        """Background writes coordinate over gloo, apart from the training collectives. DCP's async save
-        refuses a group without a CPU backend, so one process on a GPU (NCCL) needs this group too."""
+        """The group background writes coordinate over: gloo, apart from the training collectives (one group
+        used from two threads at once is unsafe), also for one process on a GPU, whose default group is NCCL."""
         if self.penv.world_size == 1 and self.penv.device.type == "cpu":
             return None
         if self._async_group is None:
@@ -220,7 +243,14 @@ class CheckpointManager:
         tmp = pending.tmp
         self.penv.barrier()
         names = [p.name for p in tmp.iterdir() if p.is_file()]
-        mine = checksums(tmp, share(names, self.penv.rank, self.penv.world_size))
+        # Each rank's shard files were hashed as its writer wrote them (those it could not are read back here);
+        # the other files are shared out.
+        written = pending.writer.checksums
+        others = [n for n in names if not n.endswith(SHARD_SUFFIX)]
+        unhashed = [n for n, c in written.items() if c is None] + share(
+            others, self.penv.rank, self.penv.world_size
+        )
+        mine = {**{n: c for n, c in written.items() if c is not None}, **checksums(tmp, unhashed)}
         hashed = {k: v for part in self.penv.all_gather_object(mine) for k, v in part.items()}
         if self.penv.is_rank0:
             meta = {
@@ -274,6 +304,7 @@ class CheckpointManager:
     @collector_paused()
     def load(self, path: Path, model, optimizer) -> TrainState:
         """Everything: weights, optimizer, RNG and train state, resharded to this process's layout."""
+        self.wait_staged()
         if json.loads((path / "meta.json").read_text()).get("weights_only"):
             raise ValueError(f"{path} holds weights only (an import): load it with train.finetune=true")
         model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
@@ -291,6 +322,7 @@ class CheckpointManager:
     @collector_paused()
     def load_weights(self, path: Path, model) -> None:
         """The model's weights alone (fine-tuning, evaluation), resharded to the model's layout."""
+        self.wait_staged()
         model_sd = get_model_state_dict(model)
         to_load = {"model": model_sd}
         self._read(path, to_load)

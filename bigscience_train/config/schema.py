@@ -179,6 +179,9 @@ class CheckpointConfig:
     # Write shards in the background while training continues (`async` is a Python keyword); the step that
     # starts the next save, or the end of the run, waits for it and commits it.
     async_save: bool = False
+    # Threads (and files) each rank writes its shards with: one thread copied 1.1 GB into the page cache at
+    # 670 MB/s on a 2-core VM whose disk took 1,330 MB/s, two at 1,000 MB/s.
+    write_threads: int = 2
 
 
 @dataclass

@@ -144,6 +144,10 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
         f"train.eval_tasks with parallel.pp={par.pp}: zero-shot tasks are scored at tp x dp layouts only",
     )
     need(cfg.checkpoint.interval >= 1, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 1")
+    need(
+        cfg.checkpoint.write_threads >= 1,
+        f"checkpoint.write_threads={cfg.checkpoint.write_threads} must be >= 1",
+    )
     for name in ("keep_last", "keep_every"):
         value = getattr(cfg.checkpoint, name)
         need(value is None or value >= 1, f"checkpoint.{name}={value} must be >= 1 (or null)")

@@ -150,6 +150,7 @@ class Trainer:
             cfg.checkpoint.keep_every,
             cfg.checkpoint.async_save,
             self.pipeline.optimizer_aliases() if self.pipeline else {},
+            cfg.checkpoint.write_threads,
         )
         self.peak = peak_flops(cfg.cluster.device, self.dtype)
         self.stop_requests = StopRequests(tr.stop_signal, tr.kill_switch)
@@ -244,6 +245,8 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update(bad)
         if not bad:
+            # An async checkpoint copies the weights and optimizer state aside while this step ran.
+            self.checkpoints.wait_staged()
             self.optimizer.step()
         self.state.step += 1
         self.state.consumed_samples += gbs
