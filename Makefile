@@ -8,7 +8,9 @@ EXTRAS ?= data,hf,dev,carbon,wandb,eval
 # no CUDA wheels are downloaded.
 CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints/cpu.txt)
 DEMO_DATA := runs/demo_data
-DEMO_NPROC ?= 2
+# Two processes; on a machine with one GPU, one (NCCL takes one rank per GPU).
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+DEMO_NPROC ?= $(if $(filter 1,$(GPUS)),1,2)
 
 .PHONY: install demo test lint format bench clean
 
