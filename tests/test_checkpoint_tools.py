@@ -172,8 +172,8 @@ def test_a_one_process_load_exchanges_no_plans(trained, monkeypatch):
 
 
 def test_shards_are_written_without_crc32_and_dcps_own_reader_loads_them(trained):
-    """torch.save's CRC32 of every record is left out of the shards (meta.json's checksums guard them) and
-    switched back on after the save; DCP's FileSystemReader (torch.load per record) reads them as ours does."""
+    """torch.save's CRC32 of every record is left out of the shards (meta.json's checksums guard them), in the
+    threads that write them only; DCP's FileSystemReader (torch.load per record) reads them as ours does."""
     import struct
 
     import torch.distributed.checkpoint as dcp

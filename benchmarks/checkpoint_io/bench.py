@@ -1,17 +1,17 @@
 """Checkpoint save and load bandwidth against the disk's own, measured in the same run; async save's blocking.
 
-State: a GPT of ~91M parameters: fp32 weights and AdamW's two moments, 12 bytes per parameter, about 1.1 GB. Peers: a plain
-file of the same size written in 16 MB chunks then fsynced (like `dd conv=fsync`), after each of three saves; the checkpoint's own files
-read in requests of our reader's size (REQUEST_BYTES), each through a fresh descriptor, as ours (the same bytes
-at the same place on disk as our load reads), the faster of one request at a time and two in flight: some
-virtual or network disks read faster with two. The page cache is dropped before each read, for ours and for
-the peer alike: the whole
-cache as root (`/proc/sys/vm/drop_caches`), else each file's pages (posix_fadvise DONTNEED, which a virtual
-disk may ignore). Ours: CheckpointManager.save (DCP shards, checksums, atomic commit) and .load (size and
-checksum verification, DCP load into the model and optimizer). Async: how long a training step (forward, backward
-and AdamW on one 256-token sequence) waits on a save started before it (save() itself and the wait for the copy
-of the state before the optimizer step), at the first async save (staging buffers allocated) and at the next
-ones (buffers reused), and how much longer that step takes than one without a save.
+State: a GPT of ~91M parameters: fp32 weights and AdamW's two moments, 12 bytes per parameter, about 1.1 GB.
+Peers: a plain file of the same size written in 16 MB chunks then fsynced (like `dd conv=fsync`), after each of
+three saves; the checkpoint's own files read in requests of our reader's size (REQUEST_BYTES), each through a
+fresh descriptor, as ours (the same bytes at the same place on disk as our load reads), the faster of one
+request at a time and two in flight: some virtual or network disks read faster with two. The page cache is
+dropped before each read, for ours and for the peer alike: the whole cache as root (`/proc/sys/vm/drop_caches`),
+else each file's pages (posix_fadvise DONTNEED, which a virtual disk may ignore). Ours: CheckpointManager.save
+(DCP shards, checksums, atomic commit) and .load (size and checksum verification, DCP load into the model and
+optimizer). Async: how long a training step (forward, backward and AdamW on one 256-token sequence) waits on a
+save started before it (save() itself and the wait for the copy of the state before the optimizer step), at the
+first async save (staging buffers allocated) and at the next ones (buffers reused), and how much longer that
+step takes than one without a save.
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="ckpt_bench_", dir=os.environ.get("BENCH_DIR", "/var/tmp")))
     try:
         # Saves and peer writes in turns, best of three each, as for the reads below: this disk's write speed
-        # moved between 360 and 1,190 MB/s from one run to the next. The first save also pays the process's
-        # first DCP calls.
+        # moved between 340 and 1,940 MB/s within minutes. The first save also pays the process's first DCP
+        # calls, and is compared with the write right after it.
         manager = CheckpointManager(root / "checkpoints", penv)
         saves, writes = [], []
         for step in (1, 2, 3):
