@@ -248,6 +248,7 @@ class Trainer:
             # An async checkpoint copies the weights and optimizer state aside while this step ran.
             self.checkpoints.wait_staged()
             self.optimizer.step()
+            self.checkpoints.prepare(self.model, self.optimizer)
         self.state.step += 1
         self.state.consumed_samples += gbs
         self.state.consumed_tokens += gbs * self.cfg.model.seq_length
