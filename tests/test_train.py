@@ -2,6 +2,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +17,7 @@ from bigscience_train.parallel.env import init_parallel
 from bigscience_train.train import loop
 from bigscience_train.train.loop import NonFiniteLossError, Trainer
 from bigscience_train.train.precision import DynamicLossScaler
-from tests.conftest import data_overrides, read_metrics, run_cli
+from tests.conftest import ROOT, data_overrides, read_metrics, run_cli
 
 FAST = [
     "model=gpt_tiny",
@@ -261,3 +263,20 @@ def test_async_save_trains_identically_and_commits_every_checkpoint(tiny_data, t
     assert resumed.state.step == 8 and sync.state.step == 6
     # Shards are written without torch.save's CRC32 (crc32_off) until the save is committed, then it is back.
     assert torch.serialization.get_crc32_options()
+
+
+def test_denormals_are_flushed_on_every_thread_torch_computes_with():
+    """In a fresh process whose OpenMP threads already run: the flag is each thread's own."""
+    script = """
+import torch
+torch.set_num_threads(2)
+tiny = torch.full((1 << 20,), 1e-30)
+assert (tiny * 1e-10 != 0).all()  # denormal products, from both threads
+from bigscience_train.train.denormals import flush_denormals
+assert flush_denormals()
+assert (tiny * 1e-10 == 0).all() and (tiny * 1e-5).ne(0).all()
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr

@@ -152,6 +152,9 @@ class TrainConfig:
     # torch.compile each transformer block (fuses the elementwise work between matmuls; the first steps
     # pay the compilation).
     compile: bool = False
+    # Denormal floats computed as zero on the CPU threads (x86 FTZ/DAZ): ALiBi attention's softmax makes many,
+    # and a CPU computes on them many times slower (bigscience_train/train/denormals.py).
+    flush_denormals: bool = True
     # auto: continue from RUN/checkpoints/latest when there is one; never: always start fresh.
     resume: str = "auto"
     # A run with no checkpoint of its own starts from this one (a run directory, checkpoints/ or step

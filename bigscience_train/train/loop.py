@@ -46,6 +46,7 @@ from bigscience_train.parallel.tensor import (
     local_tensor,
     loss_context,
 )
+from bigscience_train.train.denormals import flush_denormals
 from bigscience_train.train.loss import masked_lm_loss_sum
 from bigscience_train.train.precision import DynamicLossScaler, autocast
 from bigscience_train.train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples
@@ -116,6 +117,8 @@ class Trainer:
                 "model.attention=flex trains on GPUs only (torch's FlexAttention has no backward on CPU); "
                 "use model.attention=sdpa"
             )
+        if tr.flush_denormals:
+            flush_denormals()
         seed_everything(tr.seed)
         self.num_parameters = count_parameters(build_on_meta(self.shape))
         built = build_parallel_model(self.shape, cfg.parallel, penv, tr.seed, tr.compile)
