@@ -74,6 +74,28 @@ def test_flex_attention_computes_what_sdpa_computes(position):
         assert torch.allclose(flex(tokens), sdpa(tokens), atol=1e-5, rtol=1e-5)
 
 
+def test_biased_attention_in_query_chunks_computes_one_sdpa_call():
+    """A sequence longer than QUERY_CHUNK, not a multiple of it: the CPU path attends in chunks of queries, each
+    against the keys up to its last one. Outputs and the gradients of q, k and v match one SDPA call."""
+    import torch.nn.functional as F
+
+    from bigscience_train.model.attention import QUERY_CHUNK, causal_attention, causal_mask
+
+    seq = 2 * QUERY_CHUNK + 37
+    mask = causal_mask("sdpa", alibi_slopes(4), seq, torch.float32, torch.device("cpu"))
+    q, k, v = (torch.randn(2, 4, seq, 16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 4, seq, 16)
+    chunked = causal_attention(q, k, v, mask, 0.0)
+    whole = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+    for ours, theirs in zip(
+        torch.autograd.grad(chunked, (q, k, v), grad),
+        torch.autograd.grad(whole, (q, k, v), grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
 def test_learned_positions_have_their_own_table():
     assert "transformer.position_embeddings.weight" in tiny("learned").state_dict()
     for position in ("alibi", "rotary"):

@@ -2,7 +2,7 @@
 
 sdpa: ALiBi enters as an additive (1, heads, seq, seq) bias, which keeps SDPA off its flash kernel (that one
 takes no bias): the fused kernels that take a bias compute every block of the score matrix, the masked half
-too.
+too (on CPU, queries in chunks skip most of it).
 flex: ALiBi is a score modification computed inside the kernel in fp32, and the block mask skips the blocks
 above the diagonal. FlexAttention is compiled (Triton on GPUs); torch has no CPU backward for it, so it is for
 training on GPUs. Both take q, k, v of shape (batch, heads, seq, head_dim) and return the same layout.
@@ -27,6 +27,12 @@ class FlexMask:
     block_mask: BlockMask
     alibi_slopes: torch.Tensor | None
 
+
+# On CPU, SDPA with a bias computes every block of the score matrix, the masked half too. Queries taken in
+# chunks of QUERY_CHUNK, each against the keys up to its last one, skip most of that half: forward and backward
+# of one layer went from 36-45 to 31 ms at sequence 512 (batch 4, 8 heads of 64) and from 140 to 100 ms at
+# 2048 (batch 1) on a 2-core VM; chunks of 128 were slower again.
+QUERY_CHUNK = 256
 
 # What a block's attention takes: an additive bias (SDPA with ALiBi), None (SDPA, causal), or a FlexMask.
 AttentionMask = torch.Tensor | FlexMask | None
@@ -81,4 +87,18 @@ def causal_attention(
         return flex(q, k, v, mask)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    if q.device.type != "cpu" or q.shape[-2] <= QUERY_CHUNK:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    chunks = []
+    for start in range(0, q.shape[-2], QUERY_CHUNK):
+        end = min(start + QUERY_CHUNK, q.shape[-2])
+        chunks.append(
+            F.scaled_dot_product_attention(
+                q[..., start:end, :],
+                k[..., :end, :],
+                v[..., :end, :],
+                attn_mask=mask[..., start:end, :end],
+                dropout_p=dropout,
+            )
+        )
+    return torch.cat(chunks, dim=-2)
