@@ -27,17 +27,18 @@ _REGION = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 def _loaded_openmp() -> ctypes.CDLL | None:
     """The OpenMP runtime mapped into this process (GNU's, or Intel's or LLVM's, which export GNU's entry
-    points too), or None."""
+    points too), the one shipped inside torch first when another is loaded as well; or None."""
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return None
-    for line in maps:
-        path = line.split(maxsplit=5)[-1]
-        if os.path.basename(path).startswith(_OPENMP_RUNTIMES):
-            library = ctypes.CDLL(path)
-            if hasattr(library, "GOMP_parallel"):
-                return library
+    paths = {line.split(maxsplit=5)[-1] for line in maps if len(line.split(maxsplit=5)) == 6}
+    runtimes = [p for p in paths if os.path.basename(p).startswith(_OPENMP_RUNTIMES)]
+    torch_dir = str(Path(torch.__file__).parent)
+    for path in sorted(runtimes, key=lambda p: not p.startswith(torch_dir)):
+        library = ctypes.CDLL(path)
+        if hasattr(library, "GOMP_parallel"):
+            return library
     return None
 
 
