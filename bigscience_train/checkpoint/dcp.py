@@ -154,11 +154,11 @@ class BackgroundStager:
     def _copy(self, state_dict: dict) -> dict:
         if self._cache is None:
             self._allocate(state_dict)
-        self.allocated = True
         return _copy_state_dict(state_dict, self._cache)
 
     def save(self, state_dict: dict, write) -> tuple[Future, Future]:
         """(the copy's future, the future of `write` called with the copy)."""
+        self.allocated = True  # by the copy, if not before
         staged = self._thread.submit(self._copy, state_dict)
         written = self._thread.submit(lambda: write(staged.result()))
         return staged, written
