@@ -30,6 +30,13 @@ def trained(tiny_data, tmp_path_factory):
     return run
 
 
+def tiny_model_and_optimizer():
+    """gpt_tiny and its AdamW, built as the trainer builds them, in this process."""
+    cfg = load_config(["model=gpt_tiny"])
+    model = GPT(shape_from_config(cfg.model))
+    return model, build_optimizer(model, cfg.optim, torch.device("cpu"))
+
+
 def test_retention_keeps_last_and_milestones(trained):
     assert sorted(p.name for p in (trained / "checkpoints").glob("step_*")) == [
         "step_0000004",
@@ -157,9 +164,7 @@ def test_a_one_process_load_exchanges_no_plans(trained, monkeypatch):
 
     monkeypatch.setattr(torch.distributed, "gather_object", refuse)
     monkeypatch.setattr(torch.distributed, "scatter_object_list", refuse)
-    cfg = load_config(["model=gpt_tiny"])
-    model = GPT(shape_from_config(cfg.model))
-    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    model, optimizer = tiny_model_and_optimizer()
     manager = CheckpointManager(trained / "checkpoints", init_parallel(1, 1, None))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -198,9 +203,7 @@ def test_checksums_taken_while_writing_are_those_of_the_files(tmp_path, threads,
     from bigscience_train.checkpoint.dcp import TrainState
     from bigscience_train.checkpoint.integrity import file_checksum
 
-    cfg = load_config(["model=gpt_tiny"])
-    model = GPT(shape_from_config(cfg.model))
-    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    model, optimizer = tiny_model_and_optimizer()
     manager = CheckpointManager(
         tmp_path, init_parallel(1, 1, None), async_save=async_save, write_threads=threads
     )
@@ -238,9 +241,7 @@ def test_async_buffers_prepared_before_the_first_save_are_those_it_copies_into(t
     monkeypatch.setattr(
         dcp_module, "_create_cpu_state_dict", lambda *a, **k: allocations.append(1) or allocate(*a, **k)
     )
-    cfg = load_config(["model=gpt_tiny"])
-    model = GPT(shape_from_config(cfg.model))
-    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    model, optimizer = tiny_model_and_optimizer()
     model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
     optimizer.step()
     manager = CheckpointManager(tmp_path, init_parallel(1, 1, None), async_save=True)

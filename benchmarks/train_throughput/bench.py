@@ -5,10 +5,10 @@ fp32 on CPU, bf16 autocast on a GPU. Ours runs `Trainer.train_step` (data from a
 clipping), with and without torch.compile; the peer runs forward, cross-entropy, backward and AdamW on random
 tokens. MFU is against a square matmul of the same dtype measured here.
 
-Each variant of ours is built with a peer of its own, both warmed up, then timed in turns. The warm-up is long because on CPU glibc's
-allocator hands large blocks back to the kernel until its thresholds have grown: HF Bloom's first steps there
-page-fault its fresh activations in and run about 30% slower than its steady state (measured 458 -> 655
-tokens/s over its first 16 steps), which a short warm-up counts against the peer.
+Each variant of ours is built with a peer of its own, both warmed up, then timed in turns. The warm-up is
+long because on CPU glibc's allocator hands large blocks back to the kernel until its thresholds have grown:
+HF Bloom's first steps there page-fault its fresh activations in and run about 30% slower than its steady
+state (measured 458 -> 655 tokens/s over its first 16 steps), which a short warm-up counts against the peer.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ def _loaded_openmp() -> ctypes.CDLL | None:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return None
-    paths = {line.split(maxsplit=5)[-1] for line in maps if len(line.split(maxsplit=5)) == 6}
+    # A mapping's line ends with its file's path (the sixth field) when it has one.
+    paths = {fields[5] for fields in (line.split(maxsplit=5) for line in maps) if len(fields) == 6}
     runtimes = [p for p in paths if os.path.basename(p).startswith(_OPENMP_RUNTIMES)]
     torch_dir = str(Path(torch.__file__).parent)
     for path in sorted(runtimes, key=lambda p: not p.startswith(torch_dir)):
