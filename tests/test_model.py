@@ -10,10 +10,12 @@ from bigscience_train.model import (
     build_on_meta,
     count_parameters,
     materialize,
+    output_loss,
     shape_from_config,
 )
 from bigscience_train.model.positions import alibi_slopes
 from bigscience_train.parallel.pipeline import stage_layers
+from bigscience_train.train.loss import masked_lm_loss_sum
 
 SHAPE = GPTShape(num_layers=2, hidden_size=64, num_heads=4, seq_length=32, vocab_size=256)
 
@@ -94,6 +96,49 @@ def test_biased_attention_in_query_chunks_computes_one_sdpa_call():
         strict=True,
     ):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_output_loss_matches_logits_and_cross_entropy(tie, monkeypatch):
+    # Chunks of 16 tokens over 2 x 32: four chunks, the loss mask cutting across them.
+    monkeypatch.setattr(output_loss, "MIN_CHUNK_TOKENS", 16)
+    monkeypatch.setattr(output_loss, "CHUNK_LOGITS", 16 * SHAPE.vocab_size)
+    tokens = torch.randint(0, SHAPE.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    labels = tokens.roll(-1, dims=1)
+    mask = torch.rand(2, 32, generator=torch.Generator().manual_seed(2)) > 0.25
+    losses, grads = [], []
+    for fused in (True, False):
+        model = tiny(tie_embeddings=tie).train()
+        if fused:
+            loss_sum, count = model(tokens, labels=labels, loss_mask=mask)
+        else:
+            loss_sum, count = masked_lm_loss_sum(model(tokens), labels, mask)
+        (loss_sum * 0.5).backward()
+        losses.append((loss_sum.item(), count.item()))
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert losses[0][1] == losses[1][1] == mask.sum().item()
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-6)
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_output_loss_without_gradients_and_under_bf16_autocast():
+    model = tiny()
+    tokens = torch.randint(0, SHAPE.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    labels, mask = tokens.roll(-1, dims=1), torch.ones(2, 32, dtype=torch.bool)
+    with torch.no_grad():
+        loss_sum, count = model(tokens, labels=labels, loss_mask=mask)
+        expected, _ = masked_lm_loss_sum(model(tokens), labels, mask)
+    assert not loss_sum.requires_grad and count.item() == 64
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-6)
+    # bf16 matmuls, fp32 softmax, fp32 gradients for the fp32 weights: as close as the unfused path is.
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_sum, _ = model(tokens, labels=labels, loss_mask=mask)
+    loss_sum.backward()
+    assert loss_sum.dtype == torch.float32
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-2)
+    assert model.lm_head.weight.grad.dtype == torch.float32
 
 
 def test_learned_positions_have_their_own_table():

@@ -119,6 +119,8 @@ def test_plan_command_prints_the_breakdown(capsys):
         ["precision=bf16"],
         ["parallel.recompute=full"],
         ["parallel.recompute=selective"],
+        # The fused output layer's memory (the default), at a vocabulary where it weighs.
+        ["model.vocab_size=16384"],
         [
             "model.position=learned",
             "model.seq_length=512",

@@ -9,10 +9,12 @@ import time
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from bigscience_train.checkpoint.dcp import step_dir_name
 from bigscience_train.config import load_config, validate
 from bigscience_train.metrics.flops import PEAK_TFLOPS, flops_per_iteration, peak_flops
+from bigscience_train.model import GPT, GPTShape, gpt
 from bigscience_train.parallel.env import init_parallel
 from bigscience_train.train import loop
 from bigscience_train.train.loop import NonFiniteLossError, Trainer
@@ -162,18 +164,27 @@ def test_mixed_precision_trains(tiny_data, tmp_path, dtype):
         assert read_metrics(tmp_path / dtype)[-1]["loss_scale"] == 2.0**12
 
 
-def test_non_finite_losses_are_skipped_then_stop(tiny_data, tmp_path, monkeypatch):
-    real = loop.masked_lm_loss_sum
+@pytest.mark.parametrize("fused", [True, False])
+def test_non_finite_losses_are_skipped_then_stop(tiny_data, tmp_path, monkeypatch, fused):
+    # The loss comes from the fused output layer, or from logits.
+    module, name = (gpt, "output_layer_loss") if fused else (loop, "masked_lm_loss_sum")
+    real = getattr(module, name)
     calls = {"n": 0}
 
-    def poisoned(logits, labels, mask):
+    def poisoned(*args):
         calls["n"] += 1
-        loss, count = real(logits, labels, mask)
+        loss, count = real(*args)
         return (loss * float("nan"), count) if calls["n"] > 4 * 3 else (loss, count)
 
-    monkeypatch.setattr(loop, "masked_lm_loss_sum", poisoned)
+    monkeypatch.setattr(module, name, poisoned)
     with pytest.raises(NonFiniteLossError, match="5 consecutive steps"):
-        train(tiny_data, tmp_path / "nan", "train.iters=50", "train.eval_iters=0")
+        train(
+            tiny_data,
+            tmp_path / "nan",
+            "train.iters=50",
+            "train.eval_iters=0",
+            f"train.fused_output_loss={fused}",
+        )
     records = read_metrics(tmp_path / "nan")
     assert records[-1]["skipped_steps"] >= 4
 
@@ -192,10 +203,29 @@ def test_dynamic_loss_scaler_hysteresis_and_growth():
 
 
 def test_megatron_flops_formula():
-    # GPT-3 175B in the Megatron paper: 96 layers, h 12288, s 2048, V 51200: 24Bslh^2(...) per forward.
-    fwd = 24 * 1 * 2048 * 96 * 12288**2 * (1 + 2048 / (6 * 12288) + 51200 / (16 * 96 * 12288))
-    assert flops_per_iteration(1, 2048, 96, 12288, 51200) == pytest.approx(3 * fwd)
-    assert flops_per_iteration(1, 2048, 96, 12288, 51200, recompute=True) == pytest.approx(4 * fwd)
+    # GPT-3 175B in the Megatron paper: 96 layers, h 12288, s 2048, V 51200. With full recompute its eq. 3;
+    # without, Megatron-LM's count (the output layer is not recomputed).
+    b, s, layers, h, v = 1, 2048, 96, 12288, 51200
+    base = b * s * layers * h**2
+    recomputed = 96 * base * (1 + s / (6 * h) + v / (16 * layers * h))
+    assert flops_per_iteration(b, s, layers, h, v, recompute=True) == pytest.approx(recomputed)
+    assert flops_per_iteration(b, s, layers, h, v) == pytest.approx(
+        72 * base * (1 + s / (6 * h) + v / (12 * layers * h))
+    )
+
+
+def test_flops_formula_counts_the_models_matmuls():
+    # torch's FLOP counter sees every matmul of a forward and backward (the output layer's too) but not
+    # CPU attention: the formula's attention term, 12·B·s²·l·h, is added by hand.
+    shape = GPTShape(
+        num_layers=2, hidden_size=64, num_heads=4, seq_length=32, vocab_size=256, position="learned"
+    )
+    model = GPT(shape)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, 256, (2, 32))).sum().backward()
+    attention = 12 * 2 * 32**2 * 2 * 64
+    assert counter.get_total_flops() + attention == flops_per_iteration(2, 32, 2, 64, 256)
+
     assert peak_flops("a100", "bf16") == 312e12 and PEAK_TFLOPS["v100"]["fp16"] == 125.0
     assert peak_flops("cpu", "fp32") > 1e9
     with pytest.raises(ValueError, match="no bf16 support"):

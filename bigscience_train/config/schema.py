@@ -155,6 +155,10 @@ class TrainConfig:
     # Denormal floats computed as zero on the CPU threads (x86 FTZ/DAZ): ALiBi attention's softmax makes many,
     # and a CPU computes on them many times slower (bigscience_train/train/denormals.py).
     flush_denormals: bool = True
+    # The output layer and cross-entropy in one pass over chunks of tokens (model/output_loss.py): whole logits
+    # never exist. Not with tensor parallelism (its vocab-parallel loss) or a pipeline (its last stage's loss
+    # takes logits), which take the unfused path.
+    fused_output_loss: bool = True
     # auto: continue from RUN/checkpoints/latest when there is one; never: always start fresh.
     resume: str = "auto"
     # A run with no checkpoint of its own starts from this one (a run directory, checkpoints/ or step

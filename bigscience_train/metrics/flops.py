@@ -1,9 +1,12 @@
 """Model FLOPs and device peaks, for TFLOP/s and MFU.
 
-FLOPs per iteration follow Narayanan et al. 2021 ("Efficient Large-Scale Language Model Training on GPU
-Clusters using Megatron-LM", eq. 3): a transformer of l layers, hidden size h, sequence s, vocabulary V and
-batch B costs 24·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)) FLOPs forward, three times that for forward + backward
-(72·...), and four times with full activation recompute (96·...), which re-runs the forward.
+FLOPs per iteration as Megatron-LM counts them (Narayanan et al. 2021, "Efficient Large-Scale Language Model
+Training on GPU Clusters using Megatron-LM", appendix): a transformer of l layers, hidden size h, sequence s
+and batch B costs 24·B·s·l·h²·(1 + s/(6h)) FLOPs forward, its output layer over a vocabulary V 2·B·s·h·V.
+Forward and backward are three times each; full activation recompute runs the layers' forward once more
+(four times), not the output layer's. That gives the paper's eq. 3 with recompute,
+96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)), and without it 72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h)), Megatron-LM's
+num_floating_point_operations.
 """
 
 from __future__ import annotations
@@ -26,15 +29,8 @@ def flops_per_iteration(
     batch: int, seq: int, layers: int, hidden: int, vocab: int, recompute: bool = False
 ) -> float:
     passes = 4 if recompute else 3
-    return (
-        24.0
-        * passes
-        * batch
-        * seq
-        * layers
-        * hidden**2
-        * (1 + seq / (6 * hidden) + vocab / (16 * layers * hidden))
-    )
+    layers_forward = 24.0 * batch * seq * layers * hidden**2 * (1 + seq / (6 * hidden))
+    return passes * layers_forward + 3 * 2.0 * batch * seq * hidden * vocab
 
 
 @functools.cache

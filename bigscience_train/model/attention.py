@@ -89,12 +89,15 @@ def causal_attention(
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
     if q.device.type != "cpu" or q.shape[-2] <= QUERY_CHUNK:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    # split, not slicing: its backward is one cat of the chunks' gradients, where each slice's backward would
+    # zero a whole q-sized tensor.
     chunks = []
-    for start in range(0, q.shape[-2], QUERY_CHUNK):
-        end = min(start + QUERY_CHUNK, q.shape[-2])
+    end = 0
+    for q_chunk in q.split(QUERY_CHUNK, dim=-2):
+        start, end = end, end + q_chunk.shape[-2]
         chunks.append(
             F.scaled_dot_product_attention(
-                q[..., start:end, :],
+                q_chunk,
                 k[..., :end, :],
                 v[..., :end, :],
                 attn_mask=mask[..., start:end, :end],

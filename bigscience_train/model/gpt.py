@@ -18,6 +18,7 @@ from torch import nn
 
 from bigscience_train.model import positions
 from bigscience_train.model.attention import AttentionMask, causal_attention, causal_mask
+from bigscience_train.model.output_loss import output_layer_loss
 
 
 @dataclass(frozen=True)
@@ -204,13 +205,23 @@ class GPT(nn.Module):
             x = t.word_embeddings_layernorm(x)
         return t.embedding_dropout(x)
 
-    def forward(self, x: torch.Tensor, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        logits_at: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (batch, seq, padded vocab) of next tokens for tokens (batch, seq). A pipeline stage
         (keep_layers) without the embedding takes hidden states, one without the output layer returns them.
 
         logits_at: flat indices into batch x seq of the only positions to take through the output layer;
         the logits are then (len(logits_at), vocab). Scoring a few positions per row skips most of the
-        output layer's work. Not with sequence-parallel hidden states (each rank holds a slice of the rows)."""
+        output layer's work. Not with sequence-parallel hidden states (each rank holds a slice of the rows).
+
+        labels and loss_mask (batch, seq): returns (sum of the masked tokens' losses, their count) instead,
+        through the fused output layer and loss (output_loss.py), without whole logits. Not with a
+        vocab-parallel output layer."""
         t = self.transformer
         if t.word_embeddings is not None:
             seq_len = x.shape[1]
@@ -229,6 +240,8 @@ class GPT(nn.Module):
             x = block(x, mask, rope)
         if self.lm_head is None:
             return x
+        if labels is not None:
+            return output_layer_loss(t.ln_f(x), self.lm_head.weight, labels, loss_mask)
         if logits_at is not None:
             x = x.flatten(0, 1)[logits_at]
         return self.lm_head(t.ln_f(x))

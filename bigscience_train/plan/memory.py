@@ -16,10 +16,12 @@ inside autocast), so per parameter: weights 4 B, gradients 4 B, AdamW's two mome
   The fp32 residual stream and layernorm inputs stay 4 B under autocast; matmul inputs and outputs are 2 B.
   The ALiBi bias, shared by all layers of a micro batch: (a/t) s^2 B x (2 or 4).
   First stage: the embedding layernorm's input, 4 sbh B. Last stage: ln_f input 4 sbh B, logits and
-  log-softmax 8 bsV/t B in fp32 (10 bsV/t B with autocast: bf16 logits, then fp32).
+  log-softmax 8 bsV/t B in fp32 (10 bsV/t B with autocast: bf16 logits, then fp32). With the fused output
+  loss (train.fused_output_loss, tp = pp = 1) instead: one chunk of c tokens' logits, 4 cV B (6 cV B with
+  autocast), and the gradients it computes in forward, 4 sbh + 4 Vh B.
 - micro batches in flight on the first stage: 1 without pipeline, min(p, m) for 1F1B, m for GPipe,
   p + (p - 1)/v for interleaved 1F1B with v virtual stages (Narayanan et al. 2021).
-- temporary buffers: the logits' gradient 4 bsV/t B; the foreach AdamW step's one fp32 copy of the states it
+- temporary buffers: the logits' gradient 4 bsV/t B (none when fused); the foreach AdamW step's one fp32 copy of the states it
   updates, 4 P_r (/d sharded); pipeline send/receive buffers 2 x 4 sbh B.
 
 The peak is the larger of forward/backward (everything but the optimizer temporary) and the optimizer step
@@ -31,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bigscience_train.config import padded_vocab_size
+from bigscience_train.model.output_loss import chunk_tokens
 
 GIB = 1024**3
 # Memory that lives only from a micro batch's forward to its backward.
@@ -140,7 +143,13 @@ def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
     micro_batches = max(global_batch // (b * d), 1)
     alibi = str(getattr(m_cfg.position, "value", m_cfg.position)) == "alibi"
     bias = (m_cfg.num_heads / t) * s * s * (2 if half else 4) if alibi else 0.0
-    logits = (10 if half else 8) * b * s * v / t + 4 * sbh * 2
+    fused = cfg.train.fused_output_loss and t == 1 and layout.pp == 1
+    if fused:
+        chunk = min(chunk_tokens(v), b * s)
+        logits = (6 if half else 4) * chunk * v + 4 * sbh + 4 * sbh + 4 * v * h
+    else:
+        logits = (10 if half else 8) * b * s * v / t + 4 * sbh * 2
+    logits_grad = 0 if fused else 4 * b * s * v / t
 
     best: MemoryEstimate | None = None
     stages = [(first, True, layout.pp == 1)] + ([(last, False, True)] if layout.pp > 1 else [])
@@ -170,7 +179,7 @@ def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
             terms["recomputed layer"] = layer_activation_bytes(sbh, t, "none", half)
         if has_output:
             terms["logits"] = logits
-        temp = (4 * b * s * v / t if has_output else 0) + (2 * 4 * sbh if layout.pp > 1 else 0)
+        temp = (logits_grad if has_output else 0) + (2 * 4 * sbh if layout.pp > 1 else 0)
         terms["temporary buffers"] = temp
         states = terms["weights"] + terms["gradients"] + terms["optimizer states"]
         transient = sum(terms.get(k, 0.0) for k in _TRANSIENT)

@@ -126,6 +126,7 @@ class Trainer:
         self.wrapped = self.model
         if penv.dp > 1 and penv.tp == 1 and penv.pp == 1 and not self.fsdp:
             self.wrapped = DistributedDataParallel(self.model, process_group=penv.dp_group())
+        self.fused_output_loss = tr.fused_output_loss and penv.tp == 1
         self.params = list({id(p): p for p in self.model.parameters()}.values())
         self.optimizer = build_optimizer(self.model, cfg.optim, penv.device)
         self.dtype = cfg.precision.dtype.value
@@ -186,8 +187,13 @@ class Trainer:
             no_sync = self.wrapped.no_sync() if ddp and train and not last else contextlib.nullcontext()
             with no_sync:
                 with autocast(self.dtype, self.penv.device):
-                    logits = self.wrapped(batch["tokens"])
-                    loss_sum, count = masked_lm_loss_sum(logits, batch["labels"], batch["loss_mask"])
+                    if self.fused_output_loss:
+                        loss_sum, count = self.wrapped(
+                            batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"]
+                        )
+                    else:
+                        logits = self.wrapped(batch["tokens"])
+                        loss_sum, count = masked_lm_loss_sum(logits, batch["labels"], batch["loss_mask"])
                 if train:
                     ((loss_sum / count.clamp(min=1)) * (loss_scale / len(batches))).backward()
             total[:2] += torch.stack([loss_sum.detach().double(), count.double()])

@@ -1,0 +1,88 @@
+"""The output layer and its cross-entropy fused, in chunks of tokens.
+
+Unfused, the logits (tokens x vocab, fp32 for the softmax) exist whole, then a log-softmax of them, then a
+gradient of them: three tensors of that size (at BLOOM's vocabulary of 250,880, 1 GB per 1,024 tokens each).
+Fused, one chunk's logits exist at a time, and the same pass that computes the chunk's loss turns its
+logits into their gradient (softmax minus one-hot), multiplies it into the gradients of the hidden states and
+of the output weight, and drops it. Backward then only scales those gradients by the loss's own gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Logits per chunk: 4M elements (16 MB in fp32), and at least 128 tokens so each matmul stays large.
+CHUNK_LOGITS = 1 << 22
+MIN_CHUNK_TOKENS = 128
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    return max(MIN_CHUNK_TOKENS, CHUNK_LOGITS // vocab_size)
+
+
+class _OutputLayerLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, loss_mask, compute_dtype):
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # fp16 gradients, computed here before the loss scale multiplies them, would underflow.
+        grad_dtype = torch.float32 if compute_dtype == torch.float16 else compute_dtype
+        weight_c = weight.to(compute_dtype)
+        weight_g = weight_c if grad_dtype == compute_dtype else weight.to(grad_dtype)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        step = chunk_tokens(weight.shape[0])
+        # One buffer for every chunk's logits: a fresh one per chunk would be page-faulted in each time on a
+        # CPU (glibc hands blocks this large back to the kernel), which made the matmul 20% slower.
+        buffer = hidden.new_empty((min(step, hidden.shape[0]), weight.shape[0]), dtype=compute_dtype)
+        for start in range(0, hidden.shape[0], step):
+            rows = slice(start, start + step)
+            h, target, mask = hidden[rows], labels[rows, None], loss_mask[rows]
+            logits = torch.mm(h.to(compute_dtype), weight_c.t(), out=buffer[: h.shape[0]]).float()
+            target_logit = logits.gather(1, target).squeeze(1)
+            # log-sum-exp in place, the exponentials kept: they are the softmax's numerators.
+            row_max = logits.amax(dim=1, keepdim=True)
+            exp = logits.sub_(row_max).exp_()
+            exp_sum = exp.sum(dim=1)
+            loss_sum += ((row_max.squeeze(1) + exp_sum.log() - target_logit) * mask).sum()
+            if not (want_hidden or want_weight):
+                continue
+            # d(masked loss sum)/d(logits) = mask * (softmax - one-hot), computed in place of the logits.
+            grad_logits = exp.mul_((mask / exp_sum)[:, None])
+            grad_logits.scatter_add_(1, target, -mask[:, None])
+            grad_logits = grad_logits.to(grad_dtype)
+            if want_hidden:
+                grad_hidden[rows] = grad_logits @ weight_g
+            if want_weight and grad_dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.t(), h)
+            elif want_weight:
+                grad_weight += grad_logits.t() @ h.to(grad_dtype)
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def output_layer_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses where loss_mask is set, number of such tokens) of the logits hidden @ weight.T,
+    without materialising them. hidden (..., hidden size), weight (vocab, hidden size), labels and loss_mask
+    of hidden's leading shape. Under autocast the matmuls run in its dtype and the softmax in fp32, as the
+    unfused output layer and loss do."""
+    device = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    mask = loss_mask.flatten().float()
+    with torch.autocast(device, enabled=False):
+        loss_sum = _OutputLayerLoss.apply(
+            hidden.flatten(0, -2), weight, labels.flatten(), mask, compute_dtype
+        )
+    return loss_sum, mask.sum()
