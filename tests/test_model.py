@@ -122,7 +122,8 @@ def test_fused_output_loss_matches_logits_and_cross_entropy(tie, monkeypatch):
         torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_fused_output_loss_without_gradients_and_under_bf16_autocast():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_output_loss_without_gradients_and_under_autocast(dtype):
     model = tiny()
     tokens = torch.randint(0, SHAPE.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     labels, mask = tokens.roll(-1, dims=1), torch.ones(2, 32, dtype=torch.bool)
@@ -131,14 +132,24 @@ def test_fused_output_loss_without_gradients_and_under_bf16_autocast():
         expected, _ = masked_lm_loss_sum(model(tokens), labels, mask)
     assert not loss_sum.requires_grad and count.item() == 64
     assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-6)
-    # bf16 matmuls, fp32 softmax, fp32 gradients for the fp32 weights: as close as the unfused path is.
+    # Half-precision matmuls, fp32 softmax (and fp32 gradients under fp16, which the loss scale has not yet
+    # multiplied), fp32 gradients for the fp32 weights: as close as the unfused path is.
     model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         loss_sum, _ = model(tokens, labels=labels, loss_mask=mask)
     loss_sum.backward()
     assert loss_sum.dtype == torch.float32
     assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-2)
     assert model.lm_head.weight.grad.dtype == torch.float32
+
+
+def test_fused_output_loss_backward_runs_once():
+    model = tiny().train()
+    tokens = torch.randint(0, SHAPE.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    loss_sum, _ = model(tokens, labels=tokens, loss_mask=torch.ones(2, 32))
+    loss_sum.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss_sum.backward()
 
 
 def test_learned_positions_have_their_own_table():

@@ -104,4 +104,6 @@ def causal_attention(
                 dropout_p=dropout,
             )
         )
-    return torch.cat(chunks, dim=-2)
+    # Joined in (batch, seq, heads, head_dim) memory, the layout the caller's out.transpose(1, 2).reshape(...)
+    # then reads without a copy (SDPA's CPU kernel already returns each chunk in that layout).
+    return torch.cat([chunk.transpose(1, 2) for chunk in chunks], dim=1).transpose(1, 2)

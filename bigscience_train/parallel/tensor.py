@@ -163,7 +163,7 @@ def clip_grad_norm(
     params = [p for p in params if p.grad is not None]
     grads = [p.grad for p in params]
     local = [local_tensor(g) for g in grads]
-    norms = [torch.linalg.vector_norm(t) for t in local]
+    norms = list(torch._foreach_norm(local)) if local else []
     by_groups: dict[tuple, list[int]] = {}
     for i, g in enumerate(grads):
         if isinstance(g, DTensor):

@@ -145,7 +145,7 @@ def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
     bias = (m_cfg.num_heads / t) * s * s * (2 if half else 4) if alibi else 0.0
     fused = cfg.train.fused_output_loss and t == 1 and layout.pp == 1
     if fused:
-        chunk = min(chunk_tokens(v), b * s)
+        chunk = min(chunk_tokens(v, on_gpu=cfg.cluster.device != "cpu"), b * s)
         logits = (6 if half else 4) * chunk * v + 4 * sbh + 4 * sbh + 4 * v * h
     else:
         logits = (10 if half else 8) * b * s * v / t + 4 * sbh * 2
