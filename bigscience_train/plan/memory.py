@@ -14,15 +14,16 @@ inside autocast), so per parameter: weights 4 B, gradients 4 B, AdamW's two mome
     selective  fp32: 4(3 + 8/t) sbh B        bf16/fp16: (8 + 16/t) sbh B   (matmul outputs kept)
     full       4 sbh B (the block input), plus one layer's `none` activations while it is recomputed
   The fp32 residual stream and layernorm inputs stay 4 B under autocast; matmul inputs and outputs are 2 B.
-  The ALiBi bias, shared by all layers of a micro batch: (a/t) s^2 B x (2 or 4).
+- the ALiBi bias, (a/t) s^2 B x (2 or 4): one per model part on the rank (v with interleaved stages), shared by
+  all layers and micro batches and kept from step to step.
   First stage: the embedding layernorm's input, 4 sbh B. Last stage: ln_f input 4 sbh B, logits and
   log-softmax 8 bsV/t B in fp32 (10 bsV/t B with autocast: bf16 logits, then fp32). With the fused output
   loss (train.fused_output_loss, tp = pp = 1) instead: one chunk of c tokens' logits, 4 cV B (6 cV B with
   autocast), and the gradients it computes in forward, 4 sbh + 4 Vh B.
 - micro batches in flight on the first stage: 1 without pipeline, min(p, m) for 1F1B, m for GPipe,
   p + (p - 1)/v for interleaved 1F1B with v virtual stages (Narayanan et al. 2021).
-- temporary buffers: the logits' gradient 4 bsV/t B (none when fused); the foreach AdamW step's one fp32 copy of the states it
-  updates, 4 P_r (/d sharded); pipeline send/receive buffers 2 x 4 sbh B.
+- temporary buffers: the logits' gradient 4 bsV/t B (none when fused); the foreach AdamW step's one fp32
+  copy of the states it updates, 4 P_r (/d sharded); pipeline send/receive buffers 2 x 4 sbh B.
 
 The peak is the larger of forward/backward (everything but the optimizer temporary) and the optimizer step
 (states, weights, gradients and its temporary; activations are freed by then).
@@ -169,10 +170,12 @@ def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
             terms["gathered parameters"] = 2 * 4 * counts.per_rank_layer * (1 - 1 / d)
         if d > 1 and t == 1 and layout.zero == "none":
             terms["DDP gradient buckets"] = 4 * p_rank
+        if bias:
+            terms["ALiBi bias"] = bias * (layout.virtual_stages if layout.pp > 1 else 1)
         if half:
             terms["autocast weight copies"] = 2 * layers * 12 * h * h / t
         flight = in_flight(layout, micro_batches) if has_embedding else 1.0
-        per_micro_batch = layers * layer_activation_bytes(sbh, t, layout.recompute, half) + bias
+        per_micro_batch = layers * layer_activation_bytes(sbh, t, layout.recompute, half)
         per_micro_batch += 4 * sbh if has_embedding and m_cfg.embedding_layernorm else 0
         terms["activations"] = per_micro_batch * flight
         if layout.recompute == "full":
@@ -193,7 +196,10 @@ def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
         estimate = MemoryEstimate(
             terms,
             forward_backward_peak=forward_backward,
-            optimizer_peak=states + terms.get("DDP gradient buckets", 0.0) + 4 * p_rank / shard,
+            optimizer_peak=states
+            + terms.get("DDP gradient buckets", 0.0)
+            + terms.get("ALiBi bias", 0.0)
+            + 4 * p_rank / shard,
             parameters_per_rank=p_rank,
         )
         if best is None or estimate.peak > best.peak:
