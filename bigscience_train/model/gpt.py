@@ -18,7 +18,7 @@ from torch import nn
 
 from bigscience_train.model import positions
 from bigscience_train.model.attention import AttentionMask, causal_attention, causal_mask
-from bigscience_train.model.output_loss import output_layer_loss
+from bigscience_train.model.output_loss import matmul_dtype, output_layer_loss
 
 
 @dataclass(frozen=True)
@@ -244,9 +244,7 @@ class GPT(nn.Module):
         else:
             seq_len = x.shape[1] * self.sequence_shards
         # An ALiBi bias is built in the dtype attention runs in: autocast would cast it in every layer.
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        mask = self._attention_mask(seq_len, dtype, x.device)
+        mask = self._attention_mask(seq_len, matmul_dtype(x), x.device)
         rope = None
         if self.shape.position == "rotary":
             rope = positions.rotary_cos_sin(self.rotary_inv_freq, seq_len, x.dtype)

@@ -19,6 +19,12 @@ CHUNK_LOGITS_GPU = 1 << 26
 MIN_CHUNK_TOKENS = 128
 
 
+def matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `t` run in: autocast's where it is on for t's device, else t's own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
 def chunk_tokens(vocab_size: int, on_gpu: bool = False) -> int:
     return max(MIN_CHUNK_TOKENS, (CHUNK_LOGITS_GPU if on_gpu else CHUNK_LOGITS) // vocab_size)
 
@@ -93,11 +99,9 @@ def output_layer_loss(
     without materialising them. hidden (..., hidden size), weight (vocab, hidden size), labels and loss_mask
     of hidden's leading shape. Under autocast the matmuls run in its dtype and the softmax in fp32, as the
     unfused output layer and loss do."""
-    device = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     mask = loss_mask.flatten().float()
-    with torch.autocast(device, enabled=False):
+    with torch.autocast(hidden.device.type, enabled=False):
         loss_sum = _OutputLayerLoss.apply(
-            hidden.flatten(0, -2), weight, labels.flatten(), mask, compute_dtype
+            hidden.flatten(0, -2), weight, labels.flatten(), mask, matmul_dtype(hidden)
         )
     return loss_sum, mask.sum()

@@ -147,7 +147,7 @@ def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
     fused = cfg.train.fused_output_loss and t == 1 and layout.pp == 1
     if fused:
         chunk = min(chunk_tokens(v, on_gpu=cfg.cluster.device != "cpu"), b * s)
-        logits = (6 if half else 4) * chunk * v + 4 * sbh + 4 * sbh + 4 * v * h
+        logits = (6 if half else 4) * chunk * v + 4 * sbh * 2 + 4 * v * h
     else:
         logits = (10 if half else 8) * b * s * v / t + 4 * sbh * 2
     logits_grad = 0 if fused else 4 * b * s * v / t
