@@ -119,8 +119,9 @@ def test_plan_command_prints_the_breakdown(capsys):
         ["precision=bf16"],
         ["parallel.recompute=full"],
         ["parallel.recompute=selective"],
-        # The fused output layer's memory (the default), at a vocabulary where it weighs.
+        # The output layer's memory, fused (the default) and not, at a vocabulary where it weighs.
         ["model.vocab_size=16384"],
+        ["model.vocab_size=16384", "train.fused_output_loss=false"],
         [
             "model.position=learned",
             "model.seq_length=512",

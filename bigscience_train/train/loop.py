@@ -194,6 +194,8 @@ class Trainer:
                     else:
                         logits = self.wrapped(batch["tokens"])
                         loss_sum, count = masked_lm_loss_sum(logits, batch["labels"], batch["loss_mask"])
+                        # Nothing saves the logits for backward: held here, they would stay alive through it.
+                        del logits
                 if train:
                     ((loss_sum / count.clamp(min=1)) * (loss_scale / len(batches))).backward()
             total[:2] += torch.stack([loss_sum.detach().double(), count.double()])
