@@ -25,6 +25,12 @@ def matmul_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
+def fused_loss_applies(enabled: bool, tp: int, pp: int) -> bool:
+    """Whether training takes this path: not with tensor parallelism (its vocab-parallel loss) or a pipeline
+    (its last stage's loss takes logits)."""
+    return enabled and tp == 1 and pp == 1
+
+
 def chunk_tokens(vocab_size: int, on_gpu: bool = False) -> int:
     return max(MIN_CHUNK_TOKENS, (CHUNK_LOGITS_GPU if on_gpu else CHUNK_LOGITS) // vocab_size)
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bigscience_train.config import padded_vocab_size
-from bigscience_train.model.output_loss import chunk_tokens
+from bigscience_train.model.output_loss import chunk_tokens, fused_loss_applies
 
 GIB = 1024**3
 # Memory that lives only from a micro batch's forward to its backward.
@@ -144,7 +144,7 @@ def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
     micro_batches = max(global_batch // (b * d), 1)
     alibi = str(getattr(m_cfg.position, "value", m_cfg.position)) == "alibi"
     bias = (m_cfg.num_heads / t) * s * s * (2 if half else 4) if alibi else 0.0
-    fused = cfg.train.fused_output_loss and t == 1 and layout.pp == 1
+    fused = fused_loss_applies(cfg.train.fused_output_loss, t, layout.pp)
     if fused:
         chunk = min(chunk_tokens(v, on_gpu=cfg.cluster.device != "cpu"), b * s)
         logits = (6 if half else 4) * chunk * v + 4 * sbh * 2 + 4 * v * h

@@ -34,6 +34,7 @@ from bigscience_train.last_stop import FINISHED_STOPS, write_last_stop
 from bigscience_train.metrics.flops import flops_per_iteration, peak_flops
 from bigscience_train.metrics.writer import MetricsWriter
 from bigscience_train.model import build_on_meta, count_parameters, shape_from_config
+from bigscience_train.model.output_loss import fused_loss_applies
 from bigscience_train.parallel.build import build_parallel_model
 from bigscience_train.parallel.data import set_gradient_sync
 from bigscience_train.parallel.env import ParallelEnv
@@ -126,7 +127,7 @@ class Trainer:
         self.wrapped = self.model
         if penv.dp > 1 and penv.tp == 1 and penv.pp == 1 and not self.fsdp:
             self.wrapped = DistributedDataParallel(self.model, process_group=penv.dp_group())
-        self.fused_output_loss = tr.fused_output_loss and penv.tp == 1
+        self.fused_output_loss = fused_loss_applies(tr.fused_output_loss, penv.tp, penv.pp)
         self.params = list({id(p): p for p in self.model.parameters()}.values())
         self.optimizer = build_optimizer(self.model, cfg.optim, penv.device)
         self.dtype = cfg.precision.dtype.value
