@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -33,11 +34,12 @@ def flops_per_iteration(
     return passes * layers_forward + 3 * 2.0 * batch * seq * hidden * vocab
 
 
-@functools.cache
-def measured_matmul_peak(
+def matmul_peak_probe(
     dtype: torch.dtype = torch.float32, max_n: int = 2048, seconds: float = 0.5, device: str = "cpu"
-) -> float:
-    """FLOP/s of square matmuls on this device (with the current thread count on CPU): its practical peak.
+) -> tuple[Callable[[], None], float]:
+    """A call that runs square matmuls on this device for about `seconds` (with the current thread count on
+    CPU), and the FLOPs of one call: FLOPs over its time is the device's practical peak. A benchmark can time
+    it in turns with what it measures, so both see the same moments of a machine whose speed drifts.
 
     The size doubles from 256 up to max_n while one matmul stays under 50 ms, so dtypes the CPU only emulates
     (bf16/fp16 without hardware support) are measured in a second, not minutes.
@@ -62,12 +64,28 @@ def measured_matmul_peak(
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     torch.matmul(a, b)  # warm-up: thread pool and caches
     sync()
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.matmul(a, b)
-        reps += 1
+    start = time.perf_counter()
+    torch.matmul(a, b)
+    sync()
+    reps = max(1, round(seconds / (time.perf_counter() - start)))
+
+    def run() -> None:
+        for _ in range(reps):
+            torch.matmul(a, b)
         sync()
-    return 2.0 * n**3 * reps / (time.perf_counter() - start)
+
+    return run, 2.0 * n**3 * reps
+
+
+@functools.cache
+def measured_matmul_peak(
+    dtype: torch.dtype = torch.float32, max_n: int = 2048, seconds: float = 0.5, device: str = "cpu"
+) -> float:
+    """FLOP/s of square matmuls on this device: its practical peak, measured once per process."""
+    run, flops = matmul_peak_probe(dtype, max_n, seconds, device)
+    start = time.perf_counter()
+    run()
+    return flops / (time.perf_counter() - start)
 
 
 def peak_flops(device: str, dtype: str) -> float:

@@ -68,6 +68,22 @@ class Attention(nn.Module):
         return self.dense(out.transpose(1, 2).reshape(b, s, -1))
 
 
+# GeLU's tanh approximation, 0.5·x·(1 + tanh(u)) with u = sqrt(2/pi)·(x + 0.044715·x³), equals x·sigmoid(2u).
+_GELU_2U_LINEAR = 2.0 * math.sqrt(2.0 / math.pi)
+_GELU_2U_CUBIC = _GELU_2U_LINEAR * 0.044715
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation: what BLOOM trained with (Megatron's fused bias-GeLU) and what HF Bloom computes.
+
+    Compiled, it is written in its sigmoid form: inductor's CPU kernels for the tanh form ran 2.5x slower
+    (forward 7.0 against 2.8 ms, backward 9.8 against 6.4 ms at 4 x 512 x 2048 fp32 on 2 cores). Eager
+    F.gelu is one kernel, where the sigmoid form would be five."""
+    if torch.compiler.is_compiling():
+        return x * torch.sigmoid(x * (_GELU_2U_LINEAR + _GELU_2U_CUBIC * x * x))
+    return F.gelu(x, approximate="tanh")
+
+
 class MLP(nn.Module):
     def __init__(self, shape: GPTShape):
         super().__init__()
@@ -75,8 +91,7 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(4 * shape.hidden_size, shape.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # tanh approximation: what BLOOM trained with (Megatron's fused bias-GeLU) and what HF Bloom computes.
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+        return self.dense_4h_to_h(gelu_tanh(self.dense_h_to_4h(x)))
 
 
 class Block(nn.Module):
