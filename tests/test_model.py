@@ -255,6 +255,7 @@ def test_pipeline_stages_hold_the_whole_models_weights_and_compute_its_logits(po
 def test_compiled_block_computes_what_the_eager_block_computes():
     """train.compile compiles each block: there GeLU takes its sigmoid form (model/gpt.py, gelu_tanh). Outputs
     and the gradients of the input and of every weight match the eager block's."""
+    from bigscience_train.model.attention import causal_mask
     from bigscience_train.model.gpt import Block
 
     model = tiny()
@@ -262,7 +263,7 @@ def test_compiled_block_computes_what_the_eager_block_computes():
     compiled = Block(model.shape)
     compiled.load_state_dict(block.state_dict())
     compiled.compile(dynamic=False)
-    mask = model._attention_mask(SHAPE.seq_length, torch.float32, torch.device("cpu"))
+    mask = causal_mask("sdpa", model.alibi_slopes, SHAPE.seq_length, torch.float32, torch.device("cpu"))
     x = torch.randn(2, SHAPE.seq_length, SHAPE.hidden_size, requires_grad=True)
     grad = torch.randn_like(x)
     outputs = []
