@@ -13,7 +13,7 @@ from bigscience_train.model import (
     output_loss,
     shape_from_config,
 )
-from bigscience_train.model.positions import alibi_slopes
+from bigscience_train.model.positions import alibi_causal_bias, alibi_slopes
 from bigscience_train.parallel.pipeline import stage_layers
 from bigscience_train.train.loss import masked_lm_loss_sum
 
@@ -76,26 +76,48 @@ def test_flex_attention_computes_what_sdpa_computes(position):
         assert torch.allclose(flex(tokens), sdpa(tokens), atol=1e-5, rtol=1e-5)
 
 
-def test_biased_attention_in_query_chunks_computes_one_sdpa_call():
-    """A sequence longer than QUERY_CHUNK, not a multiple of it: the CPU path attends in chunks of queries, each
-    against the keys up to its last one. Outputs and the gradients of q, k and v match one SDPA call."""
+@pytest.mark.parametrize("alibi", [True, False])
+@pytest.mark.parametrize("seq,head_dim", [(200, 16), (64, 32), (130, 80)])
+def test_cpu_attention_kernels_compute_what_sdpa_computes(alibi, seq, head_dim):
+    """cpu_attention.cpp against one SDPA call with the dense causal bias: sequences that end inside a
+    64-token block and ones that fill it, head sizes of one to five vectors, q, k and v strided as the model
+    slices them from its fused projection. Outputs and the gradients of q, k and v."""
     import torch.nn.functional as F
 
-    from bigscience_train.model.attention import QUERY_CHUNK, causal_attention, causal_mask
+    from bigscience_train.model import cpu_attention
+    from bigscience_train.model.attention import CpuMask, causal_attention, causal_mask
 
-    seq = 2 * QUERY_CHUNK + 37
-    mask = causal_mask("sdpa", alibi_slopes(4), seq, torch.float32, torch.device("cpu"))
-    q, k, v = (torch.randn(2, 4, seq, 16, requires_grad=True) for _ in range(3))
-    grad = torch.randn(2, 4, seq, 16)
-    chunked = causal_attention(q, k, v, mask, 0.0)
-    whole = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
-    for ours, theirs in zip(
-        torch.autograd.grad(chunked, (q, k, v), grad),
-        torch.autograd.grad(whole, (q, k, v), grad),
-        strict=True,
-    ):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    heads = 4
+    slopes = alibi_slopes(heads) if alibi else None
+    mask = causal_mask("sdpa", slopes, seq, head_dim, torch.float32, torch.device("cpu"))
+    assert isinstance(mask, CpuMask) and cpu_attention.available(head_dim)
+    qkv = torch.randn(2, seq, heads, 3, head_dim, requires_grad=True)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))
+    grad = torch.randn(2, heads, seq, head_dim)
+    ours = causal_attention(q, k, v, mask, 0.0)
+    bias = alibi_causal_bias(slopes, seq, torch.float32) if alibi else None
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=not alibi)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    ours_grad, theirs_grad = (torch.autograd.grad(out, qkv, grad)[0] for out in (ours, theirs))
+    torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_dropout_on_cpu_takes_sdpa_with_the_alibi_bias():
+    """The CPU kernels have no dropout: with attention dropout, the same draws as SDPA given the dense bias."""
+    import torch.nn.functional as F
+
+    from bigscience_train.model.attention import causal_attention, causal_mask
+
+    slopes = alibi_slopes(4)
+    mask = causal_mask("sdpa", slopes, 40, 16, torch.float32, torch.device("cpu"))
+    q, k, v = (torch.randn(2, 4, 40, 16) for _ in range(3))
+    torch.manual_seed(3)
+    ours = causal_attention(q, k, v, mask, 0.3)
+    torch.manual_seed(3)
+    theirs = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=alibi_causal_bias(slopes, 40, torch.float32), dropout_p=0.3
+    )
+    torch.testing.assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -263,7 +285,9 @@ def test_compiled_block_computes_what_the_eager_block_computes():
     compiled = Block(model.shape)
     compiled.load_state_dict(block.state_dict())
     compiled.compile(dynamic=False)
-    mask = causal_mask("sdpa", model.alibi_slopes, SHAPE.seq_length, torch.float32, torch.device("cpu"))
+    mask = causal_mask(
+        "sdpa", model.alibi_slopes, SHAPE.seq_length, SHAPE.head_dim, torch.float32, torch.device("cpu")
+    )
     x = torch.randn(2, SHAPE.seq_length, SHAPE.hidden_size, requires_grad=True)
     grad = torch.randn_like(x)
     outputs = []

@@ -1,11 +1,12 @@
-"""Causal self-attention kernels: PyTorch's SDPA, or FlexAttention.
+"""Causal self-attention kernels: PyTorch's SDPA, FlexAttention, or our CPU kernels.
 
 sdpa: ALiBi enters as an additive (1, heads, seq, seq) bias, which keeps SDPA off its flash kernel (that one
 takes no bias): the fused kernels that take a bias compute every block of the score matrix, the masked half
-too (on CPU, queries in chunks skip most of it).
+too. On CPU in fp32, the backend runs cpu_attention.py's kernels instead, which compute the bias themselves
+and skip the masked blocks.
 flex: ALiBi is a score modification computed inside the kernel in fp32, and the block mask skips the blocks
 above the diagonal. FlexAttention is compiled (Triton on GPUs); torch has no CPU backward for it, so it is for
-training on GPUs. Both take q, k, v of shape (batch, heads, seq, head_dim) and return the same layout.
+training on GPUs. All take q, k, v of shape (batch, heads, seq, head_dim) and return the same layout.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from bigscience_train.model import positions
+from bigscience_train.model import cpu_attention, positions
 
 
 @dataclass(frozen=True)
@@ -28,14 +29,16 @@ class FlexMask:
     alibi_slopes: torch.Tensor | None
 
 
-# On CPU, SDPA with a bias computes every block of the score matrix, the masked half too. Queries taken in
-# chunks of QUERY_CHUNK, each against the keys up to its last one, skip most of that half: forward and backward
-# of one layer went from 36-45 to 31 ms at sequence 512 (batch 4, 8 heads of 64) and from 140 to 100 ms at
-# 2048 (batch 1) on a 2-core VM; chunks of 128 were slower again.
-QUERY_CHUNK = 256
+@dataclass(frozen=True)
+class CpuMask:
+    """What cpu_attention.py's kernels need: ALiBi slopes of this rank's heads, empty for no bias."""
 
-# What a block's attention takes: an additive bias (SDPA with ALiBi), None (SDPA, causal), or a FlexMask.
-AttentionMask = torch.Tensor | FlexMask | None
+    alibi_slopes: torch.Tensor
+
+
+# What a block's attention takes: an additive bias (SDPA with ALiBi), None (SDPA, causal), a FlexMask or a
+# CpuMask.
+AttentionMask = torch.Tensor | FlexMask | CpuMask | None
 
 
 def _causal(batch, head, q_idx, kv_idx):
@@ -49,11 +52,18 @@ def causal_block_mask(seq_len: int, device: torch.device) -> BlockMask:
 
 
 def causal_mask(
-    backend: str, alibi_slopes: torch.Tensor | None, seq_len: int, dtype: torch.dtype, device: torch.device
+    backend: str,
+    alibi_slopes: torch.Tensor | None,
+    seq_len: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> AttentionMask:
     """The mask every block of one forward shares. alibi_slopes: None for models without ALiBi."""
     if backend == "flex":
         return FlexMask(causal_block_mask(seq_len, device), alibi_slopes)
+    if device.type == "cpu" and dtype == torch.float32 and cpu_attention.available(head_dim):
+        return CpuMask(alibi_slopes if alibi_slopes is not None else torch.empty(0))
     if alibi_slopes is None:
         return None
     return positions.alibi_causal_bias(alibi_slopes, seq_len, dtype)
@@ -85,25 +95,12 @@ def causal_attention(
         # Inside a compiled block, traced into the block's graph.
         flex = _flex if torch.compiler.is_compiling() else _compiled_flex()
         return flex(q, k, v, mask)
+    if isinstance(mask, CpuMask):
+        if not dropout:
+            return cpu_attention.causal_attention(q, k, v, mask.alibi_slopes)
+        # The kernels have no dropout: SDPA, with the bias built for this call.
+        slopes = mask.alibi_slopes
+        mask = positions.alibi_causal_bias(slopes, q.shape[-2], q.dtype) if slopes.numel() else None
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-    if q.device.type != "cpu" or q.shape[-2] <= QUERY_CHUNK:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    # split, not slicing: its backward is one cat of the chunks' gradients, where each slice's backward would
-    # zero a whole q-sized tensor.
-    chunks = []
-    end = 0
-    for q_chunk in q.split(QUERY_CHUNK, dim=-2):
-        start, end = end, end + q_chunk.shape[-2]
-        chunks.append(
-            F.scaled_dot_product_attention(
-                q_chunk,
-                k[..., :end, :],
-                v[..., :end, :],
-                attn_mask=mask[..., start:end, :end],
-                dropout_p=dropout,
-            )
-        )
-    # Joined in (batch, seq, heads, head_dim) memory, the layout the caller's out.transpose(1, 2).reshape(...)
-    # then reads without a copy (SDPA's CPU kernel already returns each chunk in that layout).
-    return torch.cat([chunk.transpose(1, 2) for chunk in chunks], dim=1).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)

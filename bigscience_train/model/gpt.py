@@ -38,7 +38,7 @@ class GPTShape:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     rotary_base: float = 10000.0
-    attention: str = "sdpa"  # sdpa | flex (bigscience_train/model/attention.py)
+    attention: str = "sdpa"  # sdpa (our kernels on CPU in fp32) | flex (bigscience_train/model/attention.py)
 
     @property
     def head_dim(self) -> int:
@@ -232,7 +232,8 @@ class GPT(nn.Module):
             # Not an inference tensor, even when first built under inference_mode: training saves it for
             # backward.
             with torch.inference_mode(False):
-                self.mask_cache = (key, causal_mask(self.shape.attention, slopes, seq_len, dtype, device))
+                mask = causal_mask(self.shape.attention, slopes, seq_len, self.shape.head_dim, dtype, device)
+                self.mask_cache = (key, mask)
         return self.mask_cache[1]
 
     def forward(
