@@ -63,7 +63,7 @@ def causal_mask(
     if backend == "flex":
         return FlexMask(causal_block_mask(seq_len, device), alibi_slopes)
     if device.type == "cpu" and dtype == torch.float32 and cpu_attention.available(head_dim):
-        return CpuMask(alibi_slopes if alibi_slopes is not None else torch.empty(0))
+        return CpuMask(alibi_slopes if alibi_slopes is not None else torch.empty(0, dtype=torch.float32))
     if alibi_slopes is None:
         return None
     return positions.alibi_causal_bias(alibi_slopes, seq_len, dtype)
