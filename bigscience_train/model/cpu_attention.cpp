@@ -56,6 +56,8 @@ void tile_panel(float* c, int64_t ldc, int64_t rows, const float* a, int64_t a_r
   int64_t r = 0;
   for (; r + R <= rows; r += R)
     tile_rows<R, NV>(c + r * ldc, ldc, a + r * a_row, a_row, a_col, b, ldb, K, alpha, accumulate);
+  for (; r + 4 <= rows; r += 4)
+    tile_rows<4, NV>(c + r * ldc, ldc, a + r * a_row, a_row, a_col, b, ldb, K, alpha, accumulate);
   for (; r < rows; ++r)
     tile_rows<1, NV>(c + r * ldc, ldc, a + r * a_row, a_row, a_col, b, ldb, K, alpha, accumulate);
 }
