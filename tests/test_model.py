@@ -11,6 +11,7 @@ from bigscience_train.model import (
     count_parameters,
     materialize,
     output_loss,
+    positions,
     shape_from_config,
 )
 from bigscience_train.model.positions import alibi_causal_bias, alibi_slopes
@@ -76,27 +77,31 @@ def test_flex_attention_computes_what_sdpa_computes(position):
         assert torch.allclose(flex(tokens), sdpa(tokens), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("alibi", [True, False])
+@pytest.mark.parametrize("position", ["alibi", "none", "rotary"])
 @pytest.mark.parametrize("seq,head_dim", [(200, 16), (64, 32), (130, 80)])
-def test_cpu_attention_kernels_compute_what_sdpa_computes(alibi, seq, head_dim):
-    """cpu_attention.cpp against one SDPA call with the dense causal bias: sequences that end inside a
-    64-token block and ones that fill it, head sizes of one to five vectors, q, k and v strided as the model
-    slices them from its fused projection. Outputs and the gradients of q, k and v."""
+def test_cpu_attention_kernels_compute_what_sdpa_computes(position, seq, head_dim):
+    """cpu_attention.cpp against one SDPA call (with the dense ALiBi bias, or causal): sequences that end
+    inside a 64-token block and ones that fill it, head sizes of one to five vectors, q, k and v read from the
+    fused projection's layout (rotary positions restack them). Outputs and the gradient of that projection."""
     import torch.nn.functional as F
 
     from bigscience_train.model import cpu_attention
     from bigscience_train.model.attention import CpuMask, causal_attention, causal_mask
 
     heads = 4
-    slopes = alibi_slopes(heads) if alibi else None
+    slopes = alibi_slopes(heads) if position == "alibi" else None
     mask = causal_mask("sdpa", slopes, seq, head_dim, torch.float32, torch.device("cpu"))
     assert isinstance(mask, CpuMask) and cpu_attention.available(head_dim)
+    rope = positions.rotary_cos_sin(positions.rotary_inv_freq(head_dim, 10000.0), seq, torch.float32)
+    rope = rope if position == "rotary" else None
     qkv = torch.randn(2, seq, heads, 3, head_dim, requires_grad=True)
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))
     grad = torch.randn(2, heads, seq, head_dim)
-    ours = causal_attention(q, k, v, mask, 0.0)
-    bias = alibi_causal_bias(slopes, seq, torch.float32) if alibi else None
-    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=not alibi)
+    ours = causal_attention(qkv, mask, rope, 0.0)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))
+    if rope is not None:
+        q, k = positions.apply_rotary(q, *rope), positions.apply_rotary(k, *rope)
+    bias = alibi_causal_bias(slopes, seq, torch.float32) if slopes is not None else None
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     ours_grad, theirs_grad = (torch.autograd.grad(out, qkv, grad)[0] for out in (ours, theirs))
     torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-5, rtol=1e-5)
@@ -110,10 +115,11 @@ def test_attention_dropout_on_cpu_takes_sdpa_with_the_alibi_bias():
 
     slopes = alibi_slopes(4)
     mask = causal_mask("sdpa", slopes, 40, 16, torch.float32, torch.device("cpu"))
-    q, k, v = (torch.randn(2, 4, 40, 16) for _ in range(3))
+    qkv = torch.randn(2, 40, 4, 3, 16)
     torch.manual_seed(3)
-    ours = causal_attention(q, k, v, mask, 0.3)
+    ours = causal_attention(qkv, mask, None, 0.3)
     torch.manual_seed(3)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))
     theirs = F.scaled_dot_product_attention(
         q, k, v, attn_mask=alibi_causal_bias(slopes, 40, torch.float32), dropout_p=0.3
     )

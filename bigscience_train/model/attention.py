@@ -6,7 +6,7 @@ too. On CPU in fp32, the backend runs cpu_attention.py's kernels instead, which 
 and skip the masked blocks.
 flex: ALiBi is a score modification computed inside the kernel in fp32, and the block mask skips the blocks
 above the diagonal. FlexAttention is compiled (Triton on GPUs); torch has no CPU backward for it, so it is for
-training on GPUs. All take q, k, v of shape (batch, heads, seq, head_dim) and return the same layout.
+training on GPUs. All return (batch, heads, seq, head_dim).
 """
 
 from __future__ import annotations
@@ -89,15 +89,24 @@ def _compiled_flex():
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout: float
+    qkv: torch.Tensor, mask: AttentionMask, rope: tuple[torch.Tensor, torch.Tensor] | None, dropout: float
 ) -> torch.Tensor:
+    """qkv: (batch, seq, heads, 3, head_dim), per head [q, k, v] (BLOOM's fused projection). rope: the cos and
+    sin tables of rotary positions, or None. Returns (batch, heads, seq, head_dim)."""
+    # unbind, not indexing: its backward stacks the three gradients into one tensor, where each index's
+    # backward would zero a whole qkv-sized tensor and the three would then be summed.
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))
+    if rope is not None:
+        q, k = positions.apply_rotary(q, *rope), positions.apply_rotary(k, *rope)
     if isinstance(mask, FlexMask):
         # Inside a compiled block, traced into the block's graph.
         flex = _flex if torch.compiler.is_compiling() else _compiled_flex()
         return flex(q, k, v, mask)
     if isinstance(mask, CpuMask):
         if not dropout:
-            return cpu_attention.causal_attention(q, k, v, mask.alibi_slopes)
+            if rope is not None:
+                qkv = torch.stack((q, k, v), dim=3).transpose(1, 2)
+            return cpu_attention.causal_attention(qkv, mask.alibi_slopes)
         # The kernels have no dropout: SDPA, with the bias built for this call.
         slopes = mask.alibi_slopes
         mask = positions.alibi_causal_bias(slopes, q.shape[-2], q.dtype) if slopes.numel() else None

@@ -143,9 +143,14 @@ Shape check_inputs(const std::vector<at::Tensor>& tensors, const at::Tensor& slo
   return {q.size(0), q.size(1), q.size(2), q.size(3), seq_pad, seq_pad / BLOCK};
 }
 
-// (batch, heads, seq, d) in (batch, seq, heads, d) memory: what the caller's transpose and reshape read.
-at::Tensor empty_heads_view(const at::Tensor& q) {
-  return at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
+// q, k or v (i = 0, 1, 2) of a (batch, seq, heads, 3, d) tensor, as (batch, heads, seq, d).
+at::Tensor part(const at::Tensor& qkv, int64_t i) {
+  return qkv.select(3, i).transpose(1, 2);
+}
+
+void check_qkv(const at::Tensor& qkv) {
+  TORCH_CHECK(qkv.dim() == 5 && qkv.size(3) == 3, "cpu_attention: expected qkv of shape (batch, seq, heads, 3, "
+              "head_dim), got ", qkv.sizes());
 }
 
 // Runs per_thread() once on each thread, for the scratch buffers its result captures, then that result for each
@@ -164,13 +169,16 @@ void for_each_head(const Shape& n, const at::Tensor& slopes, PerThread per_threa
 
 }  // namespace
 
-// q, k, v: (batch, heads, seq, head_dim). slopes: (heads,), or empty for no ALiBi. Returns the output and the
-// log-sum-exp of each query's scores (batch, heads, seq), which backward() needs.
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& slopes, double scale_) {
+// qkv: (batch, seq, heads, 3, head_dim), per head [q, k, v] (BLOOM's fused projection). slopes: (heads,), or
+// empty for no ALiBi. Returns the output, (batch, heads, seq, head_dim) in (batch, seq, heads, head_dim) memory
+// (what the caller's transpose and reshape read), and the log-sum-exp of each query's scores (batch, heads, seq),
+// which backward() needs.
+std::vector<at::Tensor> forward(const at::Tensor& qkv, const at::Tensor& slopes, double scale_) {
+  check_qkv(qkv);
+  const at::Tensor q = part(qkv, 0), k = part(qkv, 1), v = part(qkv, 2);
   const Shape n = check_inputs({q, k, v}, slopes);
   const float scale = static_cast<float>(scale_);
-  at::Tensor out = empty_heads_view(q);
+  at::Tensor out = at::empty({n.batch, n.seq, n.heads, n.dim}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({n.batch, n.heads, n.seq}, q.options());
   for_each_head(n, slopes, [&] {
     return [&, qp = std::vector<float>(), kt = std::vector<float>(), vp = std::vector<float>(),
@@ -235,13 +243,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   return {out, lse};
 }
 
-// Gradients of forward() with respect to q, k and v.
-std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                 const at::Tensor& slopes, double scale_) {
+// The gradient of forward() with respect to qkv, in qkv's shape.
+at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+                    const at::Tensor& slopes, double scale_) {
+  check_qkv(qkv);
+  const at::Tensor q = part(qkv, 0), k = part(qkv, 1), v = part(qkv, 2);
   const Shape n = check_inputs({grad_out, q, k, v, out}, slopes);
   TORCH_CHECK(lse.is_contiguous() && lse.numel() == n.batch * n.heads * n.seq, "cpu_attention: bad lse");
-  at::Tensor grad_q = empty_heads_view(q), grad_k = empty_heads_view(q), grad_v = empty_heads_view(q);
+  at::Tensor grad_qkv = at::empty(qkv.sizes(), qkv.options());
+  const at::Tensor grad_q = part(grad_qkv, 0), grad_k = part(grad_qkv, 1), grad_v = part(grad_qkv, 2);
   const float scale = static_cast<float>(scale_);
   for_each_head(n, slopes, [&] {
     return [&, qp = std::vector<float>(), kp = std::vector<float>(), kt = std::vector<float>(),
@@ -298,7 +308,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
       unpack_rows(dv, n.seq, n.dim, rows_of(grad_v, b, h));
     };
   });
-  return {grad_q, grad_k, grad_v};
+  return grad_qkv;
 }
 
 int64_t vector_width() { return W; }

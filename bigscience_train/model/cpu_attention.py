@@ -70,57 +70,43 @@ def available(head_dim: int) -> bool:
     return kernels is not None and head_dim % kernels.vector_width() == 0
 
 
-def _heads_layout(q: torch.Tensor) -> torch.Tensor:
-    """An empty (batch, heads, seq, head_dim) tensor in (batch, seq, heads, head_dim) memory, as the kernels
-    return their outputs and gradients."""
-    b, h, s, d = q.shape
-    return q.new_empty(b, s, h, d).transpose(1, 2)
-
-
 @torch.library.custom_op("bigscience_train::cpu_causal_attention", mutates_args=())
-def _attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _kernels().forward(q, k, v, slopes, scale)
+def _attention(qkv: torch.Tensor, slopes: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _kernels().forward(qkv, slopes, scale)
     return out, lse
 
 
 @_attention.register_fake
-def _(q, k, v, slopes, scale):
-    return _heads_layout(q), q.new_empty(q.shape[:-1])
+def _(qkv, slopes, scale):
+    b, s, h, _, d = qkv.shape
+    return qkv.new_empty(b, s, h, d).transpose(1, 2), qkv.new_empty(b, h, s)
 
 
 @torch.library.custom_op("bigscience_train::cpu_causal_attention_backward", mutates_args=())
 def _attention_backward(
     grad: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
     slopes: torch.Tensor,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_q, grad_k, grad_v = _kernels().backward(grad, q, k, v, out, lse, slopes, scale)
-    return grad_q, grad_k, grad_v
+) -> torch.Tensor:
+    return _kernels().backward(grad, qkv, out, lse, slopes, scale)
 
 
 @_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, slopes, scale):
-    return _heads_layout(q), _heads_layout(q), _heads_layout(q)
+def _(grad, qkv, out, lse, slopes, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 def _save_for_backward(ctx, inputs, output) -> None:
-    q, k, v, slopes, ctx.scale = inputs
-    ctx.save_for_backward(q, k, v, *output, slopes)
+    qkv, slopes, ctx.scale = inputs
+    ctx.save_for_backward(qkv, *output, slopes)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, slopes = ctx.saved_tensors
-    grad_q, grad_k, grad_v = _attention_backward(
-        _last_dim_contiguous(grad_out), q, k, v, out, lse, slopes, ctx.scale
-    )
-    return grad_q, grad_k, grad_v, None, None
+    qkv, out, lse, slopes = ctx.saved_tensors
+    return _attention_backward(_last_dim_contiguous(grad_out), qkv, out, lse, slopes, ctx.scale), None, None
 
 
 _attention.register_autograd(_backward, setup_context=_save_for_backward)
@@ -130,13 +116,11 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: torch.Tensor
-) -> torch.Tensor:
+def causal_attention(qkv: torch.Tensor, alibi_slopes: torch.Tensor) -> torch.Tensor:
     """Softmax attention of each query over the keys up to its own, scaled by 1/sqrt(head_dim).
 
-    q, k, v: fp32 (batch, heads, seq, head_dim) on CPU. alibi_slopes: fp32 (heads,), or empty for no bias.
-    Returns (batch, heads, seq, head_dim), laid out in memory as (batch, seq, heads, head_dim)."""
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, _ = _attention(q, k, v, alibi_slopes, q.shape[-1] ** -0.5)
+    qkv: fp32 (batch, seq, heads, 3, head_dim) on CPU, per head [q, k, v] (BLOOM's fused projection): the
+    gradient comes back in that one tensor, with no stack of three. alibi_slopes: fp32 (heads,), or empty for
+    no bias. Returns (batch, heads, seq, head_dim), laid out in memory as (batch, seq, heads, head_dim)."""
+    out, _ = _attention(_last_dim_contiguous(qkv), alibi_slopes, qkv.shape[-1] ** -0.5)
     return out

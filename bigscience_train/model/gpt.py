@@ -58,13 +58,8 @@ class Attention(nn.Module):
         # BLOOM's fused layout: per head, [q, k, v] contiguous. The head count is read from the tensor,
         # so a tensor-parallel shard that holds a slice of the heads runs the same code.
         qkv = self.query_key_value(x).view(b, s, -1, 3, self.head_dim)
-        # unbind, not indexing: its backward stacks the three gradients into one tensor, where each index's
-        # backward would zero a whole qkv-sized tensor and the three would then be summed.
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))
-        if rope is not None:
-            q, k = positions.apply_rotary(q, *rope), positions.apply_rotary(k, *rope)
         dropout = self.attention_dropout if self.training else 0.0
-        out = causal_attention(q, k, v, mask, dropout)
+        out = causal_attention(qkv, mask, rope, dropout)
         return self.dense(out.transpose(1, 2).reshape(b, s, -1))
 
 
