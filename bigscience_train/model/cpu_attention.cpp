@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -143,14 +144,11 @@ Shape check_inputs(const std::vector<at::Tensor>& tensors, const at::Tensor& slo
   return {q.size(0), q.size(1), q.size(2), q.size(3), seq_pad, seq_pad / BLOCK};
 }
 
-// q, k or v (i = 0, 1, 2) of a (batch, seq, heads, 3, d) tensor, as (batch, heads, seq, d).
-at::Tensor part(const at::Tensor& qkv, int64_t i) {
-  return qkv.select(3, i).transpose(1, 2);
-}
-
-void check_qkv(const at::Tensor& qkv) {
+// q, k and v of a (batch, seq, heads, 3, d) tensor, each as a (batch, heads, seq, d) view.
+std::array<at::Tensor, 3> split_qkv(const at::Tensor& qkv) {
   TORCH_CHECK(qkv.dim() == 5 && qkv.size(3) == 3, "cpu_attention: expected qkv of shape (batch, seq, heads, 3, "
               "head_dim), got ", qkv.sizes());
+  return {qkv.select(3, 0).transpose(1, 2), qkv.select(3, 1).transpose(1, 2), qkv.select(3, 2).transpose(1, 2)};
 }
 
 // Runs per_thread() once on each thread, for the scratch buffers its result captures, then that result for each
@@ -174,8 +172,7 @@ void for_each_head(const Shape& n, const at::Tensor& slopes, PerThread per_threa
 // (what the caller's transpose and reshape read), and the log-sum-exp of each query's scores (batch, heads, seq),
 // which backward() needs.
 std::vector<at::Tensor> forward(const at::Tensor& qkv, const at::Tensor& slopes, double scale_) {
-  check_qkv(qkv);
-  const at::Tensor q = part(qkv, 0), k = part(qkv, 1), v = part(qkv, 2);
+  const auto [q, k, v] = split_qkv(qkv);
   const Shape n = check_inputs({q, k, v}, slopes);
   const float scale = static_cast<float>(scale_);
   at::Tensor out = at::empty({n.batch, n.seq, n.heads, n.dim}, q.options()).transpose(1, 2);
@@ -246,12 +243,11 @@ std::vector<at::Tensor> forward(const at::Tensor& qkv, const at::Tensor& slopes,
 // The gradient of forward() with respect to qkv, in qkv's shape.
 at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
                     const at::Tensor& slopes, double scale_) {
-  check_qkv(qkv);
-  const at::Tensor q = part(qkv, 0), k = part(qkv, 1), v = part(qkv, 2);
+  const auto [q, k, v] = split_qkv(qkv);
   const Shape n = check_inputs({grad_out, q, k, v, out}, slopes);
   TORCH_CHECK(lse.is_contiguous() && lse.numel() == n.batch * n.heads * n.seq, "cpu_attention: bad lse");
   at::Tensor grad_qkv = at::empty(qkv.sizes(), qkv.options());
-  const at::Tensor grad_q = part(grad_qkv, 0), grad_k = part(grad_qkv, 1), grad_v = part(grad_qkv, 2);
+  const auto [grad_q, grad_k, grad_v] = split_qkv(grad_qkv);
   const float scale = static_cast<float>(scale_);
   for_each_head(n, slopes, [&] {
     return [&, qp = std::vector<float>(), kp = std::vector<float>(), kt = std::vector<float>(),
