@@ -7,7 +7,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from bigscience_train.config import ConfigError, OverrideError
+from bigscience_train import __version__
 from bigscience_train.slurm import SlurmError
 
 
@@ -18,22 +18,26 @@ def _train(args: argparse.Namespace) -> int:
     if args.config_file and args.overrides:
         raise ValueError("give either --config-file or Hydra overrides, not both")
     cfg = load_config_file(args.config_file) if args.config_file else load_config(args.overrides)
-    if not args.cfg:
-        # Before torch is imported (seconds): a stop signal sent while the job starts must not kill it.
-        # A bad signal name is reported with every other problem by validate() below.
-        with contextlib.suppress(ValueError):
-            catch(cfg.train.stop_signal)
-    from bigscience_train.parallel.env import init_parallel, launcher_env, shutdown
-    from bigscience_train.train.loop import Trainer
-
     if args.cfg:
         print(to_yaml(cfg), end="")
         return 0
+    # Before torch is imported (seconds): a stop signal sent while the job starts must not kill it. A bad
+    # signal name is reported with every other problem by validate() below.
+    with contextlib.suppress(ValueError):
+        catch(cfg.train.stop_signal)
+    from bigscience_train.parallel.env import init_parallel, job_dims, launcher_env, shutdown
+    from bigscience_train.train.loop import Trainer
+
     rank, world, _ = launcher_env()
     validate(cfg, world, check_files=True)
-    penv = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp)
+    hooks = []
+    if cfg.train.eval_tasks:
+        from evaluation.during_training import TaskEvaluation
+
+        hooks.append(TaskEvaluation(cfg.train))
+    penv = init_parallel(job_dims(cfg))
     try:
-        result = Trainer(cfg, penv).run()
+        result = Trainer(cfg, penv, hooks).run()
     finally:
         shutdown()
     if rank == 0:
@@ -202,7 +206,7 @@ def _slurm_preprocess(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from bigscience_train.config import cluster_world_size, config_problems, load_config
+    from bigscience_train.config import ConfigError, cluster_world_size, config_problems, load_config
     from bigscience_train.config.validate import NO_END
     from bigscience_train.plan.estimate import layout_of, make_plan, search
     from bigscience_train.plan.report import format_plan, format_search
@@ -247,12 +251,14 @@ def _ckpt_import_hf(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigscience", description="Pretrain BLOOM-style GPT models.")
+    parser.add_argument("--version", action="version", version=f"bigscience-train {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (Hydra overrides: model=gpt_350m optim.lr=3e-4 ...)")
     train.add_argument("--cfg", choices=["job"], help="print the resolved config and exit")
     train.add_argument(
-        "--config-file", help="train from this resolved config.yaml (as Slurm jobs do) instead of configs/"
+        "--config-file",
+        help="train from this resolved config.yaml (as Slurm jobs do) instead of the config tree",
     )
     train.add_argument("overrides", nargs="*", help="Hydra overrides")
     train.set_defaults(func=_train)
@@ -396,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, OverrideError, FileNotFoundError, FileExistsError, ValueError, SlurmError) as e:
+    # ConfigError and OverrideError are ValueErrors: naming them would import the config system.
+    except (FileNotFoundError, FileExistsError, ValueError, SlurmError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

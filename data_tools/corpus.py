@@ -1,4 +1,4 @@
-"""JSONL corpora: the embedded demo corpus (the Python standard library's sources) or a folder of text files."""
+"""JSONL corpora: the demo corpus (the Python standard library's sources) or a folder of text files."""
 
 from __future__ import annotations
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from bigscience_train.data.indexed import open_indexed
-from bigscience_train.data.tokenizer import Tokenizer
 
 
 def describe(prefix: str, tokenizer_path: str | None = None, sample: int = 0, bins: int = 10) -> str:
     dataset = open_indexed(prefix)
-    lengths = np.asarray(dataset.sequence_lengths)
-    num_docs = len(dataset.document_indices) - 1
+    lengths = dataset.sequence_lengths
     lines = [
-        f"{prefix}: {num_docs:,} documents, {len(lengths):,} sequences, {int(lengths.sum()):,} tokens, "
-        f"dtype {np.dtype(dataset.index.dtype).name}"
+        f"{prefix}: {dataset.num_documents:,} documents, {len(lengths):,} sequences, "
+        f"{dataset.num_tokens:,} tokens, dtype {np.dtype(dataset.dtype).name}"
     ]
     if len(lengths):
         lines.append(
@@ -27,6 +25,8 @@ def describe(prefix: str, tokenizer_path: str | None = None, sample: int = 0, bi
     if tokenizer_path is not None:
         if not 0 <= sample < len(dataset):
             raise ValueError(f"--sample {sample} is out of range: {prefix} has {len(dataset)} sequences")
+        from bigscience_train.data.tokenizer import Tokenizer  # tokenizers is loaded only to decode a sample
+
         ids = dataset[sample].tolist()
         lines.append(f"sample {sample} ({len(ids)} tokens):\n{Tokenizer(tokenizer_path).decode(ids)}")
     return "\n".join(lines)

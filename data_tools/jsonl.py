@@ -77,7 +77,7 @@ def count_lines(files: list[Path]) -> int:
 
 
 def shard_range(total_lines: int, shard: int, num_shards: int) -> range:
-    """Contiguous global line numbers of shard `shard` of `num_shards`: concatenated in shard order, the whole."""
+    """Contiguous global line numbers of shard `shard` of `num_shards`; in shard order they make the whole."""
     if not 0 <= shard < num_shards:
         raise CorpusError(f"shard {shard} is not in 0..{num_shards - 1}")
     return range(total_lines * shard // num_shards, total_lines * (shard + 1) // num_shards)

@@ -1,10 +1,10 @@
-"""JSONL corpus to a Megatron .bin/.idx dataset (megatron-core's IndexedDatasetBuilder), in document order.
+"""JSONL corpus to a Megatron .bin/.idx dataset (bigscience_train/data/indexed.py), in document order.
 
-Batches of documents are encoded by a pool of worker processes; `imap` returns them in submission order,
-so the output does not depend on the number of workers. Byte-level BPE tokenizers are encoded with tiktoken
-when it gives the same ids (data_tools/fast_encoder.py). A corpus too big for one job is preprocessed as
-shards of contiguous lines (`shard`, `num_shards`) whose merge equals the whole. Outputs appear under
-their final names only when complete.
+Batches of documents are encoded by a pool of worker processes, each returning a batch's ids as one array;
+`imap` returns them in submission order, so the output does not depend on the number of workers. Byte-level
+BPE tokenizers are encoded with tiktoken when it gives the same ids (data_tools/fast_encoder.py). A corpus
+too big for one job is preprocessed as shards of contiguous lines (`shard`, `num_shards`) whose merge equals
+the whole. Outputs appear under their final names only when complete.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bigscience_train.data.indexed import IndexedDatasetBuilder, bin_path, idx_path
+from bigscience_train.data.indexed import IndexedWriter, bin_path, idx_path, token_dtype
 from bigscience_train.data.tokenizer import Tokenizer
 from bigscience_train.fsutil import temporary_sibling
 from data_tools.fast_encoder import Encode, build_encoder
 from data_tools.jsonl import SkipLog, count_lines, expand_inputs, read_texts, shard_range
 
 _SAMPLE_DOCUMENTS = 64
-_worker_encode: Encode | None = None
+# What forked workers inherit: the encoder chosen (and checked) in the parent, the eod id and the token dtype.
+_worker: tuple[Encode, int | None, type] | None = None
 
 
 @dataclass
@@ -37,6 +38,7 @@ class PreprocessSummary:
     text_bytes: int = 0
     seconds: float = 0.0
     skips: SkipLog = field(default_factory=SkipLog)
+    encoder: str = ""  # which encoder ran, and why (build_encoder)
 
     def __str__(self) -> str:
         rate = self.tokens / max(self.seconds, 1e-9)
@@ -46,12 +48,18 @@ class PreprocessSummary:
         )
 
 
-def token_dtype(vocab_size: int) -> type:
-    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-
-
-def _encode(texts: list[str]) -> list[list[int]]:
-    return _worker_encode(texts)
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's ids back to back (eod after each document when asked) and each document's length: two arrays
+    cross the pipe faster than lists of ints, and the parent only writes them."""
+    encode, eod, dtype = _worker
+    ids = encode(texts)
+    if eod is not None:
+        for doc in ids:
+            doc.append(eod)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    # fromiter raises OverflowError for an id the dtype cannot hold, where a cast would wrap it.
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    return tokens, lengths
 
 
 def _batches(texts: Iterator[str], size: int, summary: PreprocessSummary) -> Iterator[list[str]]:
@@ -64,6 +72,12 @@ def _batches(texts: Iterator[str], size: int, summary: PreprocessSummary) -> Ite
             batch = []
     if batch:
         yield batch
+
+
+def _progress_bar():
+    from tqdm import tqdm  # imported only for a terminal: batch jobs need not pay for it
+
+    return tqdm(unit=" docs", desc="preprocess")
 
 
 def preprocess(
@@ -80,8 +94,6 @@ def preprocess(
     num_shards: int = 1,
     fast: bool = True,
 ) -> PreprocessSummary:
-    from tqdm import tqdm
-
     start = time.perf_counter()
     files = expand_inputs(inputs)
     tokenizer = Tokenizer(tokenizer_path)
@@ -94,31 +106,31 @@ def preprocess(
     if workers > 1:
         # Each worker process encodes one batch at a time; a thread pool inside each would only contend.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    global _worker_encode
-    # Forked workers inherit the encoder chosen (and checked) here.
-    _worker_encode, summary.encoder = build_encoder(tokenizer_path, sample, fast)
-    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=token_dtype(tokenizer.vocab_size))
+    global _worker
+    encode, summary.encoder = build_encoder(tokenizer, sample, fast)
+    dtype = token_dtype(tokenizer.vocab_size)
+    _worker = encode, tokenizer.eod if append_eod else None, dtype
     batches = _batches(read_texts(files, json_key, summary.skips, strict, lines), batch_size, summary)
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(unit=" docs", disable=not show, desc="preprocess")
+    bar = _progress_bar() if (sys.stderr.isatty() if progress is None else progress) else None
     pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:
-        encoded = map(_encode, batches) if pool is None else pool.imap(_encode, batches)
-        for ids_batch in encoded:
-            for ids in ids_batch:
-                if append_eod:
-                    ids.append(tokenizer.eod)
-                builder.add_document(np.asarray(ids), [len(ids)])
-                summary.tokens += len(ids)
-            summary.documents += len(ids_batch)
-            bar.update(len(ids_batch))
-            elapsed = time.perf_counter() - start
-            bar.set_postfix_str(f"{summary.text_bytes / 1e6 / elapsed:.1f} MB/s")
-        builder.finalize(str(tmp_idx))
+        with IndexedWriter(str(tmp_bin), dtype) as writer:
+            encoded = map(_encode, batches) if pool is None else pool.imap(_encode, batches)
+            for tokens, lengths in encoded:
+                writer.add_documents(tokens, lengths)
+                summary.tokens += len(tokens)
+                summary.documents += len(lengths)
+                if bar is not None:
+                    bar.update(len(lengths))
+                    bar.set_postfix_str(
+                        f"{summary.text_bytes / 1e6 / (time.perf_counter() - start):.1f} MB/s"
+                    )
+            writer.finalize(str(tmp_idx))
         os.replace(tmp_bin, final_bin)
         os.replace(tmp_idx, final_idx)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if pool is not None:
             pool.terminate()
         for tmp in (tmp_bin, tmp_idx):

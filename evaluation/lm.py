@@ -25,10 +25,10 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch.distributed.tensor import DTensor
 
 from bigscience_train.data.tokenizer import Tokenizer
-from bigscience_train.model import GPT
+from bigscience_train.model.gpt import GPT
 from bigscience_train.parallel.env import ParallelEnv
 from bigscience_train.parallel.pipeline import Pipeline
-from bigscience_train.train.precision import autocast
+from bigscience_train.parallel.precision import autocast
 
 # (tokens, number of trailing tokens to score): context and continuation together, already truncated.
 Item = tuple[list[int], int]

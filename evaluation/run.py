@@ -64,10 +64,15 @@ def model_config(step_dir: Path, cfg: DictConfig, overrides: list[str]) -> DictC
     for section in LAYOUT_SECTIONS:
         if any(o.lstrip("+").startswith(section) for o in overrides):
             saved[section] = cfg[section]
-    saved.parallel.dp_shard = "none"  # replicas score different requests: no FSDP collectives in forward
-    saved.parallel.recompute = "none"
-    saved.parallel.sequence_parallel = False  # rows of any length, and only a few positions scored per row
     return saved
+
+
+def evaluation_dims(cfg: DictConfig):
+    """The job's layout as evaluation runs it: replicas score different requests (no FSDP collectives in
+    forward), nothing to recompute, and no sequence parallelism (rows of any length, few positions scored)."""
+    from bigscience_train.parallel.env import job_dims
+
+    return dataclasses.replace(job_dims(cfg), dp_shard="none", recompute="none", sequence_parallel=False)
 
 
 def checkpoint_info(checkpoint: Path) -> dict:
@@ -106,12 +111,11 @@ def load_lm(step_dir: Path, cfg: DictConfig, overrides: list[str], penv):
     """Our lm-eval model over a checkpoint, built and loaded at this process's layout."""
     from bigscience_train.checkpoint.dcp import CheckpointManager
     from bigscience_train.data.tokenizer import Tokenizer
-    from bigscience_train.model import shape_from_config
-    from bigscience_train.parallel.build import build_parallel_model
+    from bigscience_train.parallel.build import ParallelModel
     from evaluation.lm import BigScienceLM
 
     saved = model_config(step_dir, cfg, overrides)
-    built = build_parallel_model(shape_from_config(saved.model, penv.tp), saved.parallel, penv, seed=0)
+    built = ParallelModel(penv.dims.model_shape(saved.model), penv, seed=0)
     CheckpointManager(step_dir.parent, penv).load_weights(step_dir, built.model)
     return BigScienceLM(
         built.model,
@@ -185,7 +189,7 @@ def main(overrides: list[str]) -> int:
     specs = task_specs(list(cfg.eval.tasks))
     if cfg.parallel.virtual_stages > 1:
         raise ValueError("parallel.virtual_stages > 1: evaluation runs one pipeline stage per rank")
-    penv = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp)
+    penv = init_parallel(evaluation_dims(cfg))
     try:
         steps, output = targets(cfg, penv)
         for step_dir in steps:

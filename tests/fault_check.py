@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from bigscience_train.config import load_config
-from bigscience_train.parallel.env import init_parallel
+from bigscience_train.parallel.env import init_parallel, job_dims
 from bigscience_train.parallel.tensor import local_tensor
 from bigscience_train.train.loop import NonFiniteLossError, Trainer
 
@@ -24,22 +24,32 @@ FIRST, REPEAT = int(STEPS.rstrip("-")), STEPS.endswith("-")
 
 
 class FaultyTrainer(Trainer):
+    """Injects the fault into this rank's step through the trainer's ParallelModel."""
+
     skipped: list[int]
+
+    def __init__(self, cfg, penv):
+        super().__init__(cfg, penv)
+        forward_backward, reduce_gradients = self.parallel.forward_backward, self.parallel.reduce_gradients
+
+        def faulty_forward_backward(batches, loss_scale, train):
+            total = forward_backward(batches, loss_scale, train)
+            if train and KIND == "loss" and self._hit():
+                total[0] = float("nan")
+            return total
+
+        def faulty_reduce_gradients(loss_scale):
+            params = reduce_gradients(loss_scale)
+            if KIND == "grad" and self._hit():
+                local_tensor(params[-1].grad).fill_(float("inf"))
+            return params
+
+        self.parallel.forward_backward = faulty_forward_backward
+        self.parallel.reduce_gradients = faulty_reduce_gradients
 
     def _hit(self) -> bool:
         step = self.state.step + 1
         return self.penv.rank == RANK and (step >= FIRST if REPEAT else step == FIRST)
-
-    def _forward_backward(self, batches, loss_scale, train):
-        total = super()._forward_backward(batches, loss_scale, train)
-        if train and KIND == "loss" and self._hit():
-            total[0] = float("nan")
-        return total
-
-    def _reduce_grads(self, params):
-        super()._reduce_grads(params)
-        if KIND == "grad" and self._hit():
-            local_tensor(params[-1].grad).fill_(float("inf"))
 
     def train_step(self):
         out = super().train_step()
@@ -49,7 +59,7 @@ class FaultyTrainer(Trainer):
 
 
 cfg = load_config(sys.argv[1:])
-penv = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp)
+penv = init_parallel(job_dims(cfg))
 trainer = FaultyTrainer(cfg, penv)
 trainer.skipped = []
 error = None

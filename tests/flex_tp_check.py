@@ -5,11 +5,13 @@ own slice of the slopes. Forward only: torch has no CPU backward for FlexAttenti
 import torch
 import torch.distributed as dist
 
-from bigscience_train.model import GPT, GPTShape, build_on_meta, materialize
+from bigscience_train.model.gpt import GPT, build_on_meta, materialize
+from bigscience_train.model.shape import GPTShape
+from bigscience_train.parallel.dims import ParallelDims
 from bigscience_train.parallel.env import init_parallel
 from bigscience_train.parallel.tensor import apply_tensor_parallel
 
-penv = init_parallel(2, 1, None)
+penv = init_parallel(ParallelDims(tp=2))
 shape = GPTShape(num_layers=2, hidden_size=64, num_heads=4, seq_length=32, vocab_size=256)
 tokens = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():

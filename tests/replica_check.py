@@ -8,11 +8,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from bigscience_train.config import load_config
-from bigscience_train.parallel.env import init_parallel
+from bigscience_train.parallel.env import init_parallel, job_dims
 from bigscience_train.train.loop import Trainer
 
 cfg = load_config(sys.argv[1:])
-penv = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp)
+penv = init_parallel(job_dims(cfg))
 trainer = Trainer(cfg, penv)
 trainer.run()
 group = penv.mesh["tp"].get_group()

@@ -1,278 +1,268 @@
-"""The checkpoint reader: the same state as DCP's own reader, whole files hashed on the way, no code run."""
+"""The checkpoint layer on a small model in one process: round trips, async saves, integrity errors and the
+safe load's refusals."""
 
-import dataclasses
-import io
+import json
+import os
 import pickle
+import shutil
+import threading
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import xxhash
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 
-from bigscience_train.checkpoint import file_reads, streaming_reader
-from bigscience_train.checkpoint.integrity import file_checksum
-from bigscience_train.checkpoint.reader import single_process_dcp
-from bigscience_train.checkpoint.safe_load import SafeLoadPlanner
-from bigscience_train.checkpoint.saved_object import ALIGNMENT, saved_object
-from bigscience_train.checkpoint.streaming_reader import StreamingReader
-
-
-def archive(obj, misalign: int = 0) -> torch.Tensor:
-    """torch.save's bytes of `obj` in a uint8 tensor starting `misalign` bytes past an aligned address."""
-    stream = io.BytesIO()
-    torch.save(obj, stream)
-    raw = stream.getvalue()
-    buffer = torch.zeros(len(raw) + 2 * ALIGNMENT, dtype=torch.uint8)
-    start = -buffer.data_ptr() % ALIGNMENT + misalign
-    buffer[start : start + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return buffer[start : start + len(raw)]
-
-
-SAVED_TENSORS = [
-    torch.randn(3, 4),
-    torch.randn(4, 3).t(),
-    torch.arange(10.0)[3:6],
-    torch.arange(6, dtype=torch.bfloat16),
-    torch.zeros(0, 3),
-    torch.tensor(2.5),
-    torch.tensor([True, False]),
-]
-
-
-@pytest.mark.parametrize("tensor", SAVED_TENSORS, ids=lambda t: f"{t.dtype}{tuple(t.shape)}{t.stride()}")
-def test_a_saved_tensor_is_read_as_a_view_of_the_archive(tensor):
-    held = archive(tensor)
-    loaded = saved_object(held)
-    assert loaded.dtype == tensor.dtype and loaded.stride() == tensor.stride() and torch.equal(loaded, tensor)
-    assert tensor.numel() == 0 or loaded.untyped_storage().data_ptr() == held.untyped_storage().data_ptr()
-    # Misaligned bytes cannot be viewed as floats: copied, same values.
-    assert torch.equal(saved_object(archive(tensor, misalign=1)), tensor)
-
-
-@pytest.mark.parametrize(
-    "value", [0.1, (0.9, 0.95), {"lr": 1e-4, "fused": None, "steps": [1, "x"]}, torch.Size([2])]
-)
-def test_saved_values_read_as_torch_load_reads_them(value):
-    assert saved_object(archive(value)) == torch.load(io.BytesIO(archive(value).numpy()), weights_only=True)
+from bigscience_train.checkpoint import integrity
+from bigscience_train.checkpoint.dcp import CheckpointManager, SingleProcess, TrainState
+from bigscience_train.checkpoint.integrity import CheckpointIntegrityError, file_checksum, share, writer_rank
+from bigscience_train.checkpoint.safe_load import SafeReader, UnsafeCheckpointError, safe_dcp_load
 
 
 class Planted:
-    """A pickle that creates a file when unpickled: what a malicious checkpoint could carry."""
+    """A pickle that runs a shell command when unpickled: what a malicious checkpoint could carry."""
 
     def __init__(self, path):
         self.path = path
 
     def __reduce__(self):
-        return (type(self.path).touch, (self.path,))
+        return (os.system, (f"touch {self.path}",))
 
 
-def test_a_saved_object_carrying_code_is_refused(tmp_path):
-    with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
-        saved_object(archive(Planted(tmp_path / "planted")))
-    assert not (tmp_path / "planted").exists()
+def model_and_optimizer(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    step(model, optimizer)
+    return model, optimizer
 
 
-def state(seed: int) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "a": torch.randn(64, 48, generator=generator),
-        "b": torch.randn(1000, generator=generator).to(torch.bfloat16),
-        "settings": {"lr": 0.1 * seed, "betas": (0.9, 0.95)},
-        "c": torch.randn(7, 5, generator=generator).t().contiguous(),
-    }
+def step(model, optimizer) -> None:
+    model(torch.randn(4, 16)).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
 
 
-def load(into: dict, reader) -> dict:
-    with single_process_dcp():
-        dcp.load(into, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
-    return into
+def weights(model) -> dict:
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
 
-@pytest.mark.parametrize(
-    "chunk_bytes", [1, 4096, 64 << 20], ids=["item-per-chunk", "few-per-chunk", "one-chunk"]
-)
-def test_the_reader_loads_what_dcp_loads_and_hashes_whole_files(tmp_path, chunk_bytes):
-    with single_process_dcp():
-        dcp.save(state(1), checkpoint_id=tmp_path, no_dist=True)
-    ours = StreamingReader(tmp_path, chunk_bytes=chunk_bytes)
-    loaded = load(state(2), ours)
-    reference = load(state(3), FileSystemReader(tmp_path))
-    assert loaded["settings"] == reference["settings"] == {"lr": 0.1, "betas": (0.9, 0.95)}
-    for key in ("a", "b", "c"):
-        assert loaded[key].dtype == reference[key].dtype and torch.equal(loaded[key], reference[key])
-    files = sorted(tmp_path.glob("*.distcp"))
-    assert ours.checksums == {f.name: file_checksum(f) for f in files}
-
-    # A part of a file is read without hashing it: the checksum check reads that file itself.
-    partial = StreamingReader(tmp_path, chunk_bytes=chunk_bytes)
-    only_b = load({"b": torch.zeros(1000, dtype=torch.bfloat16)}, partial)
-    assert torch.equal(only_b["b"], reference["b"]) and partial.checksums == {}
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_more_consecutive_items_than_one_preadv_takes(tmp_path):
-    """Linux takes at most 1024 buffers per preadv: a run of 1500 small items is read in two calls."""
-    saved = {f"t{i}": torch.full((3,), float(i)) for i in range(1500)}
-    with single_process_dcp():
-        dcp.save(saved, checkpoint_id=tmp_path, no_dist=True)
-    loaded = load({key: torch.zeros(3) for key in saved}, StreamingReader(tmp_path))
-    assert all(torch.equal(loaded[key], saved[key]) for key in saved)
+def optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    return [value for state in optimizer.state.values() for value in state.values()]
 
 
-@pytest.mark.parametrize("lengths", [[], [5], [10, 0, 3, 10], [1] * 30, [25, 7, 40]])
-def test_consecutive_views_are_cut_into_requests_of_bounded_size_and_count(monkeypatch, lengths):
-    monkeypatch.setattr(file_reads, "REQUEST_BYTES", 10)
-    monkeypatch.setattr(file_reads, "IOV_MAX", 4)
-    data = bytearray(range(sum(lengths)))
-    views, start = [], 0
-    for length in lengths:
-        views.append(memoryview(data)[start : start + length])
-        start += length
-    requests = list(file_reads.requests(views, 1000))
-    offset = 1000
-    for batch, at in requests:
-        size = sum(len(view) for view in batch)
-        assert at == offset and 0 < size <= 10 and len(batch) <= 4
-        offset += size
-    assert b"".join(bytes(view) for batch, _ in requests for view in batch) == bytes(data)
+@pytest.mark.parametrize(("threads", "async_save"), [(1, False), (2, False), (2, True)])
+def test_a_round_trip_restores_weights_optimizer_rng_and_state_and_records_every_file(
+    tmp_path, threads, async_save
+):
+    model, optimizer = model_and_optimizer(0)
+    manager = CheckpointManager(tmp_path, SingleProcess(), async_save=async_save, write_threads=threads)
+    saved, saved_optim = weights(model), [t.clone() for t in optimizer_tensors(optimizer)]
+    state = TrainState(step=3, consumed_samples=12, consumed_tokens=768, loss_scaler={"scale": 2.0})
+    path = manager.save(model, optimizer, state, "model: tiny\n", {"model": "tiny"})
+    after_save = torch.rand(1)
+    manager.finish()
+    assert manager.latest() == path and not list(tmp_path.glob(".tmp_*"))
+
+    meta = json.loads((path / "meta.json").read_text())
+    files = sorted(p.name for p in path.iterdir() if p.name != "meta.json")
+    assert len([f for f in files if f.endswith(".distcp")]) == threads and ".metadata" in files
+    assert meta["checksums"] == {name: file_checksum(path / name) for name in files}
+    assert meta["shards"] == {name: (path / name).stat().st_size for name in files}
+    assert meta["async"] is async_save and meta["step"] == 3 and meta["model"] == "tiny"
+
+    other, other_optimizer = model_and_optimizer(1)
+    other_optimizer.param_groups[0]["lr"] = 0.5
+    assert not same(weights(other), saved)
+    assert manager.load(path, other, other_optimizer) == state
+    assert same(weights(other), saved)
+    assert all(
+        torch.equal(a, b) for a, b in zip(optimizer_tensors(other_optimizer), saved_optim, strict=True)
+    )
+    assert other_optimizer.param_groups[0]["lr"] == 1e-2
+    assert other_optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+    assert torch.equal(torch.rand(1), after_save)  # the RNG as it was when saved
+
+    fresh = model_and_optimizer(2)[0]
+    manager.load_weights(path, fresh)
+    assert same(weights(fresh), saved)
 
 
-@pytest.mark.parametrize("size", [0, 7, 100])
-def test_a_file_is_hashed_from_pieces_read_in_order(tmp_path, monkeypatch, size):
-    monkeypatch.setattr(file_reads, "REQUEST_BYTES", 7)
-    data = bytes(range(size))
-    (tmp_path / "shard").write_bytes(data)
-    assert file_checksum(tmp_path / "shard") == xxhash.xxh3_64(data).hexdigest()
+def test_an_async_save_returns_before_its_bytes_are_written_and_keeps_the_state_it_was_given(
+    tmp_path, monkeypatch
+):
+    """Training goes on while the shards are written; the optimizer steps once the copy is taken, and the
+    checkpoint holds the state at save(), not the state the steps after it made."""
+    write_data, release = FileSystemWriter.write_data, threading.Event()
+
+    def held(self, *args, **kwargs):
+        assert release.wait(60)
+        return write_data(self, *args, **kwargs)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", held)
+    model, optimizer = model_and_optimizer(0)
+    manager = CheckpointManager(tmp_path, SingleProcess(), async_save=True)
+    saved = weights(model)
+    path = manager.save(model, optimizer, TrainState(step=1), "", {})
+    manager.wait_staged()
+    for _ in range(2):
+        step(model, optimizer)
+    assert not same(weights(model), saved)
+    assert not path.exists() and manager.latest() is None
+    release.set()
+    assert manager.finish() == path and manager.latest() == path
+    loaded = model_and_optimizer(1)
+    manager.load(path, *loaded)
+    assert same(weights(loaded[0]), saved)
+
+    # The next save commits the one before it; retention keeps the last.
+    retained = CheckpointManager(tmp_path, SingleProcess(), keep_last=1, async_save=True)
+    for number in (2, 3):
+        retained.save(model, optimizer, TrainState(step=number), "", {})
+        step(model, optimizer)
+    assert retained.latest().name == "step_0000002"
+    retained.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000003"]
 
 
-class OnlyA(SafeLoadPlanner):
-    """A final plan that differs from the local plan the reads started with."""
-
-    def finish_plan(self, central_plan):
-        return dataclasses.replace(
-            central_plan, items=[item for item in central_plan.items if item.dest_index.fqn == "a"]
-        )
+@pytest.fixture
+def checkpoint(tmp_path):
+    model, optimizer = model_and_optimizer(0)
+    manager = CheckpointManager(tmp_path / "checkpoints", SingleProcess())
+    return manager, manager.save(model, optimizer, TrainState(step=1), "", {})
 
 
-@pytest.mark.parametrize("planner", [SafeLoadPlanner, OnlyA])
-def test_reads_started_with_the_local_plan_serve_the_final_plan_only_when_it_is_the_same(tmp_path, planner):
-    with single_process_dcp():
-        dcp.save(state(1), checkpoint_id=tmp_path, no_dist=True)
-    reader = StreamingReader(tmp_path)
-    streams = []
-    stream = reader._stream
-    reader._stream = lambda plan: streams.append(len(plan.items)) or stream(plan)
-    loaded = state(2)
-    with single_process_dcp():
-        dcp.load(loaded, storage_reader=reader, planner=planner(), no_dist=True)
-    saved, untouched = state(1), state(2)
-    assert torch.equal(loaded["a"], saved["a"])
-    if planner is OnlyA:
-        assert streams == [5, 1]  # the started reads dropped, the final plan's read
-        assert torch.equal(loaded["c"], untouched["c"]) and loaded["settings"] == untouched["settings"]
-    else:
-        assert streams == [5]
-        assert torch.equal(loaded["c"], saved["c"]) and loaded["settings"] == saved["settings"]
+def test_a_truncated_or_damaged_shard_is_named_before_anything_is_used(checkpoint):
+    manager, path = checkpoint
+    shard = path / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    model, optimizer = model_and_optimizer(1)
+    before = weights(model)
+    shard.write_bytes(bytes(data[:-10]))
+    with pytest.raises(
+        CheckpointIntegrityError, match=rf"{shard}: {len(data) - 10:,} bytes, meta.json records"
+    ):
+        manager.load(path, model, optimizer)
+    assert same(weights(model), before)  # refused before DCP read anything
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointIntegrityError, match=rf"{shard}: checksum"):
+        manager.load(path, model, optimizer)
+    (path / "rank_00000.pt").unlink()
+    with pytest.raises(CheckpointIntegrityError, match=r"rank_00000.pt: missing"):
+        manager.load_weights(path, model)
 
 
-def test_a_truncated_shard_is_named(tmp_path):
-    with single_process_dcp():
-        dcp.save(state(1), checkpoint_id=tmp_path, no_dist=True)
-    shard = next(tmp_path.glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[:-100])
-    threads = torch.get_num_threads()
-    with pytest.raises(CheckpointException) as raised:
-        load(state(2), StreamingReader(tmp_path))
-    assert f"{shard}: ends at byte" in str(raised.value.failures[0])
-    assert torch.get_num_threads() == threads  # the copies' single thread given back
+def test_a_damaged_metadata_file_is_named(checkpoint):
+    manager, path = checkpoint
+    metadata = path / ".metadata"
+    metadata.write_bytes(metadata.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(CheckpointIntegrityError, match=rf"{metadata}: checksum"):
+        manager.load(path, *model_and_optimizer(1))
 
 
-def test_a_metadata_file_carrying_code_is_refused_not_run(tmp_path):
-    with single_process_dcp():
-        dcp.save(state(1), checkpoint_id=tmp_path, no_dist=True)
+def test_a_metadata_file_carrying_code_is_refused_not_run(checkpoint, tmp_path):
+    manager, path = checkpoint
     planted = tmp_path / "planted"
-    (tmp_path / ".metadata").write_bytes(pickle.dumps(Planted(planted)))
-    with pytest.raises(ValueError, match=r"\.metadata: refused pathlib\."):
-        StreamingReader(tmp_path).read_metadata()
+    (path / ".metadata").write_bytes(pickle.dumps(Planted(planted)))
+    with pytest.raises(UnsafeCheckpointError, match=rf"{path / '.metadata'}: refused: it needs posix.system"):
+        SafeReader(path).read_metadata()
+    # Through the manager too, whatever meta.json says of the file.
+    model, optimizer = model_and_optimizer(1)
+    with pytest.raises((UnsafeCheckpointError, CheckpointIntegrityError)):
+        manager.load(path, model, optimizer)
     assert not planted.exists()
     # DCP's own reader runs it (then fails on what it returned).
     with pytest.raises(AttributeError):
-        FileSystemReader(tmp_path).read_metadata()
+        FileSystemReader(path).read_metadata()
     assert planted.exists()
 
 
-@pytest.mark.parametrize("reader", [StreamingReader, FileSystemReader])
-def test_a_checkpoint_item_carrying_code_is_refused_not_run(tmp_path, reader):
+def test_metadata_of_allowed_types_that_is_not_dcp_metadata_is_refused(tmp_path):
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(torch.Size([2, 3])))
+    with pytest.raises(UnsafeCheckpointError, match="holds a Size, not DCP metadata"):
+        SafeReader(tmp_path).read_metadata()
+
+
+def test_a_checkpoint_item_carrying_code_is_refused_not_run(tmp_path):
     planted = tmp_path / "planted"
-    with single_process_dcp():
-        dcp.save(
-            {"w": torch.ones(3), "extra": Planted(planted)}, checkpoint_id=tmp_path / "ckpt", no_dist=True
-        )
-    with pytest.raises(CheckpointException) as raised:
-        load({"w": torch.zeros(3), "extra": None}, reader(tmp_path / "ckpt"))
-    assert not planted.exists()
-    assert "Unsupported global" in str(raised.value.failures[0])
-    assert pickle.dumps(Planted(planted))  # the planted object is a real pickle
+    path = tmp_path / "ckpt"
+    dcp.save({"w": torch.ones(3), "extra": Planted(planted)}, checkpoint_id=path, no_dist=True)
+    into = {"w": torch.zeros(3), "extra": None}
+    with pytest.raises(
+        UnsafeCheckpointError, match=rf"{path / '__0_0.distcp'}: item extra refused: it needs posix"
+    ):
+        safe_dcp_load(into, SafeReader(path), no_dist=True)
+    assert not planted.exists() and into["extra"] is None
+    # DCP's own planner runs it.
+    dcp.load(into, storage_reader=FileSystemReader(path), planner=DefaultLoadPlanner(), no_dist=True)
+    assert planted.exists()
 
 
-@pytest.mark.parametrize("numel", [4, 1 << 16], ids=["small-archive", "large-archive"])
-def test_an_archive_in_the_other_byte_order_is_read_as_torch_load_reads_it(monkeypatch, numel):
-    tensor = torch.arange(numel, dtype=torch.float32)
-    with monkeypatch.context() as patched:
-        patched.setattr("sys.byteorder", "big")  # what torch.save writes on a big-endian machine
-        held = archive(tensor)
-    expected = torch.load(io.BytesIO(held.numpy()), weights_only=True)
-    assert not torch.equal(expected, tensor)  # the bytes were swapped, as the archive asks
-    assert torch.equal(saved_object(held), expected)
-
-
-@pytest.mark.parametrize(
-    "request_bytes", [file_reads.REQUEST_BYTES, 1000], ids=["requests", "small-requests"]
-)
-@pytest.mark.parametrize("guess", ["right", "wrong"])
-def test_large_tensors_are_read_into_their_destinations_and_hashed_there(
-    tmp_path, monkeypatch, guess, request_bytes
-):
-    """Items of at least DIRECT_BYTES go straight into a destination that takes their bytes as they are; the
-    rest, and an archive whose layout the first bytes did not tell right, are read into the buffer and copied.
-    Requests smaller than an item cut it, and the bytes before and after its tensor's, anywhere."""
+def test_the_safe_load_reads_what_dcps_own_load_reads(tmp_path):
     generator = torch.Generator().manual_seed(0)
     saved = {
-        "whole": torch.randn(64, 48, generator=generator),
-        "half": torch.randn(3000, generator=generator).to(torch.bfloat16),
-        "strided": torch.randn(40, 30, generator=generator).t(),  # saved with its strides: not read in place
-        "into_strided": torch.randn(30, 40, generator=generator),
-        "other_dtype": torch.randn(500, generator=generator),
-        "small": torch.randn(3, generator=generator),
+        "a": torch.randn(64, 48, generator=generator),
+        "b": torch.randn(1000, generator=generator).to(torch.bfloat16),
+        "settings": {"lr": 0.1, "betas": (0.9, 0.95), "fused": None, "name": "adamw"},
+        "nested": {"c": torch.randn(7, 5, generator=generator).t().contiguous(), "steps": [1, 2]},
     }
-    with single_process_dcp():
-        dcp.save(saved, checkpoint_id=tmp_path, no_dist=True)
-    monkeypatch.setattr(streaming_reader, "DIRECT_BYTES", 1024)
-    monkeypatch.setattr(streaming_reader, "ARCHIVE_HEAD", 1024)  # the tail of each head lands in its target
-    monkeypatch.setattr(file_reads, "REQUEST_BYTES", request_bytes)
-    guessed = streaming_reader.tensor_record_start
-    if guess == "wrong":
-        monkeypatch.setattr(streaming_reader, "tensor_record_start", lambda head: guessed(head) + ALIGNMENT)
-    placed = []
-    confirm = streaming_reader._confirm
-    monkeypatch.setattr(
-        streaming_reader, "_confirm", lambda item, region: placed.append(confirm(item, region)) or placed[-1]
-    )
-    into = {
-        "whole": torch.zeros(64, 48),
-        "half": torch.zeros(3000, dtype=torch.bfloat16),
-        "strided": torch.zeros(30, 40),
-        "into_strided": torch.zeros(40, 30).t(),
-        "other_dtype": torch.zeros(500, dtype=torch.float64),
-        "small": torch.zeros(3),
-    }
-    reader = StreamingReader(tmp_path, chunk_bytes=1)
-    loaded = load(into, reader)
-    for key, tensor in saved.items():
-        assert torch.equal(loaded[key], tensor.to(loaded[key].dtype)), key
-    # Confirmed in place: "whole" and "half" (a right guess), not "strided" (saved strided); "into_strided"
-    # (destination strided), "other_dtype" (DCP converts it) and "small" were not tried.
-    assert sorted(placed) == ([False, True, True] if guess == "right" else [False, False, False])
-    files = sorted(tmp_path.glob("*.distcp"))
-    assert reader.checksums == {f.name: file_checksum(f) for f in files}
+    dcp.save(saved, checkpoint_id=tmp_path, no_dist=True)
+
+    def empty():
+        return {
+            "a": torch.zeros(64, 48),
+            "b": torch.zeros(1000, dtype=torch.bfloat16),
+            "settings": dict.fromkeys(saved["settings"]),
+            "nested": {"c": torch.zeros(5, 7), "steps": None},
+        }
+
+    ours, theirs = empty(), empty()
+    safe_dcp_load(ours, SafeReader(tmp_path), no_dist=True)
+    dcp.load(theirs, storage_reader=FileSystemReader(tmp_path), no_dist=True)
+    assert ours["settings"] == theirs["settings"] == saved["settings"]
+    assert ours["nested"]["steps"] == theirs["nested"]["steps"] == [1, 2]
+    for get in (lambda d: d["a"], lambda d: d["b"], lambda d: d["nested"]["c"]):
+        assert torch.equal(get(ours), get(saved)) and torch.equal(get(theirs), get(saved))
+
+
+@pytest.mark.parametrize("size", [0, 7, 100])
+def test_a_file_is_hashed_through_one_open_in_pieces(tmp_path, monkeypatch, size):
+    monkeypatch.setattr(integrity, "READ_BYTES", 7)
+    opened = []
+
+    def counted(*args, **kwargs):
+        opened.append(args[0])
+        return open(*args, **kwargs)  # noqa: SIM115 (the caller closes it)
+
+    monkeypatch.setattr(integrity, "open", counted, raising=False)
+    data = bytes(range(size))
+    (tmp_path / "shard").write_bytes(data)
+    assert file_checksum(tmp_path / "shard") == xxhash.xxh3_64(data).hexdigest()
+    assert opened == [tmp_path / "shard"]
+
+
+def test_hashing_is_shared_out_by_writer_and_by_rank():
+    assert [writer_rank(n) for n in ("__0_0.distcp", "__12_3.distcp", ".metadata", "rank_00001.pt")] == [
+        0,
+        12,
+        None,
+        None,
+    ]
+    names = [f"f{i}" for i in range(7)]
+    parts = [share(names, rank, 3) for rank in range(3)]
+    assert sorted(n for part in parts for n in part) == names and all(parts)
+
+
+def test_stale_temporary_directories_are_removed(tmp_path):
+    manager = CheckpointManager(tmp_path, SingleProcess())
+    (tmp_path / ".tmp_step_0000005").mkdir()
+    (tmp_path / ".tmp_step_0000005" / "__0_0.distcp").write_bytes(b"partial")
+    assert [p.name for p in manager.clean_incomplete()] == [".tmp_step_0000005"]
+    assert not any(tmp_path.iterdir()) and manager.latest() is None
+    shutil.rmtree(tmp_path)
+    assert manager.clean_incomplete() == []

@@ -1,5 +1,4 @@
 import json
-import warnings
 
 import pytest
 import torch
@@ -7,9 +6,11 @@ import torch
 from bigscience_train.checkpoint.dcp import CheckpointManager, steps_to_delete
 from bigscience_train.checkpoint.hf_export import export_hf
 from bigscience_train.checkpoint.inspect import describe
+from bigscience_train.checkpoint.integrity import CheckpointIntegrityError, problems
 from bigscience_train.checkpoint.reader import iter_model_tensors, resolve_checkpoint
 from bigscience_train.config import load_config
-from bigscience_train.model import GPT, shape_from_config
+from bigscience_train.model.gpt import GPT
+from bigscience_train.parallel.dims import ParallelDims
 from bigscience_train.parallel.env import init_parallel
 from bigscience_train.train.loop import build_optimizer
 from tests.conftest import run_cli
@@ -33,7 +34,7 @@ def trained(tiny_data, tmp_path_factory):
 def tiny_model_and_optimizer():
     """gpt_tiny and its AdamW, built as the trainer builds them, in this process."""
     cfg = load_config(["model=gpt_tiny"])
-    model = GPT(shape_from_config(cfg.model))
+    model = GPT(ParallelDims().model_shape(cfg.model))
     return model, build_optimizer(model, cfg.optim, torch.device("cpu"))
 
 
@@ -66,7 +67,7 @@ def test_export_hf_loads_offline_with_matching_logits(trained, tmp_path, monkeyp
     out = export_hf(trained, tmp_path / "hf", max_shard_bytes=200_000)
     assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
     hf = BloomForCausalLM.from_pretrained(out).eval()
-    ours = GPT(shape_from_config(load_config(["model=gpt_tiny"]).model)).eval()
+    ours = GPT(ParallelDims().model_shape(load_config(["model=gpt_tiny"]).model)).eval()
     ours.load_state_dict(dict(iter_model_tensors(resolve_checkpoint(trained))), strict=True)
     tokens = torch.randint(0, 512, (2, 32))
     with torch.no_grad():
@@ -106,7 +107,8 @@ def test_import_hf_round_trips_and_fine_tunes_at_another_layout(trained, tiny_da
     assert half["transformer.h.0.mlp.dense_4h_to_h.weight"].dtype == torch.bfloat16
     assert torch.allclose(half["lm_head.weight"].float(), ours["lm_head.weight"], atol=1e-2)
 
-    # Fine-tune the import at tp=2: the first validation loss is the trained run's last one.
+    # Fine-tune the import at tp=2: the first validation loss is the trained run's last one. Its async saves,
+    # two processes each writing in the background, commit checkpoints that load back whole in one process.
     run = tmp_path / "ft"
     done = run_cli(
         [
@@ -117,6 +119,8 @@ def test_import_hf_round_trips_and_fine_tunes_at_another_layout(trained, tiny_da
             "parallel.tp=2",
             f"train.load={imported}",
             "train.finetune=true",
+            "checkpoint.interval=1",
+            "checkpoint.async_save=true",
         ],
         nproc=2,
     )
@@ -125,6 +129,17 @@ def test_import_hf_round_trips_and_fine_tunes_at_another_layout(trained, tiny_da
     first = read_metrics(run, "valid")[0]
     assert first["step"] == 0
     assert first["val_loss"] == pytest.approx(read_metrics(trained, "valid")[-1]["val_loss"], abs=1e-5)
+    tuned = resolve_checkpoint(run)
+    assert tuned.name == "step_0000002" and (run / "checkpoints" / "step_0000001").is_dir()
+    meta = json.loads((tuned / "meta.json").read_text())
+    assert meta["async"] and {"__0_0.distcp", "__1_0.distcp"} <= meta["checksums"].keys()
+    assert problems(tuned) == []
+    tuned_weights = dict(iter_model_tensors(tuned))
+    assert tuned_weights.keys() == ours.keys()
+    assert not torch.equal(
+        tuned_weights["transformer.h.0.mlp.dense_4h_to_h.weight"],
+        ours["transformer.h.0.mlp.dense_4h_to_h.weight"],
+    )
     whole = run_cli(
         [
             "train",
@@ -140,8 +155,6 @@ def test_import_hf_round_trips_and_fine_tunes_at_another_layout(trained, tiny_da
 def test_a_damaged_shard_is_named(trained, tmp_path):
     import shutil
 
-    from bigscience_train.checkpoint.integrity import CheckpointIntegrityError
-
     copy = tmp_path / "copy"
     shutil.copytree(resolve_checkpoint(trained), copy)
     shard = next(copy.glob("*.distcp"))
@@ -156,8 +169,9 @@ def test_a_damaged_shard_is_named(trained, tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-def test_a_one_process_load_exchanges_no_plans(trained, monkeypatch):
-    """With one process DCP loads without gathering and scattering its plans (they pickle every item)."""
+def test_a_one_process_load_and_save_exchange_no_plans(trained, tmp_path, monkeypatch):
+    """With one process DCP loads and saves without gathering and scattering its plans (they pickle every
+    item); the trained run's checkpoint resumes the model and optimizer as saved."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("plans exchanged")
@@ -165,121 +179,14 @@ def test_a_one_process_load_exchanges_no_plans(trained, monkeypatch):
     monkeypatch.setattr(torch.distributed, "gather_object", refuse)
     monkeypatch.setattr(torch.distributed, "scatter_object_list", refuse)
     model, optimizer = tiny_model_and_optimizer()
-    manager = CheckpointManager(trained / "checkpoints", init_parallel(1, 1, None))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        state = manager.load(manager.latest(), model, optimizer)
+    manager = CheckpointManager(trained / "checkpoints", init_parallel())
+    state = manager.load(manager.latest(), model, optimizer)
     assert state.step == 6
-    assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
     saved = dict(iter_model_tensors(resolve_checkpoint(trained)))
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in saved.items())
     assert optimizer.state and all(s["step"] == 6 for s in optimizer.state.values())
-
-
-def test_shards_are_written_without_crc32_and_dcps_own_reader_loads_them(trained):
-    """torch.save's CRC32 of every record is left out of the shards (meta.json's checksums guard them), in the
-    threads that write them only; DCP's FileSystemReader (torch.load per record) reads them as ours does."""
-    import struct
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from bigscience_train.checkpoint.reader import single_process_dcp
-
-    step = resolve_checkpoint(trained)
-    shard = next(step.glob("*.distcp")).read_bytes()
-    directory = shard.index(b"PK\x01\x02")  # the first archive's central directory
-    assert struct.unpack_from("<I", shard, directory + 16)[0] == 0  # its first record's CRC32
-    assert torch.serialization.get_crc32_options()
-    saved = dict(iter_model_tensors(step))
-    into = {"model": {name: torch.zeros_like(t) for name, t in saved.items()}}
-    with single_process_dcp():
-        dcp.load(into, storage_reader=FileSystemReader(step), no_dist=True)
-    assert all(torch.equal(into["model"][name], t) for name, t in saved.items())
-
-
-@pytest.mark.parametrize(("threads", "async_save"), [(1, False), (2, False), (2, True)])
-def test_checksums_taken_while_writing_are_those_of_the_files(tmp_path, threads, async_save):
-    from bigscience_train.checkpoint.dcp import TrainState
-    from bigscience_train.checkpoint.integrity import file_checksum
-
-    model, optimizer = tiny_model_and_optimizer()
-    manager = CheckpointManager(
-        tmp_path, init_parallel(1, 1, None), async_save=async_save, write_threads=threads
-    )
-    step = manager.save(model, optimizer, TrainState(step=1), "", {})
-    manager.finish()
-    meta = json.loads((step / "meta.json").read_text())
-    files = sorted(p.name for p in step.iterdir() if p.name != "meta.json")
-    assert len([f for f in files if f.endswith(".distcp")]) == threads
-    assert meta["checksums"] == {name: file_checksum(step / name) for name in files}
-
-
-def test_a_stream_not_written_front_to_back_gets_no_checksum(tmp_path):
-    from bigscience_train.checkpoint.integrity import file_checksum
-    from bigscience_train.checkpoint.shard_writer import ShardWriter
-
-    fs = ShardWriter(tmp_path).fs
-    with fs.create_stream(tmp_path / "__0_0.distcp", "wb") as stream:
-        stream.write(b"abc")
-        stream.write(memoryview(b"defg"))
-    with fs.create_stream(tmp_path / "__0_1.distcp", "wb") as stream:
-        stream.write(b"abc")
-        stream.seek(0)
-        stream.write(b"x")
-    with fs.create_stream(tmp_path / ".metadata.tmp", "wb") as stream:
-        stream.write(b"not a shard")
-    assert fs.checksums == {"__0_0.distcp": file_checksum(tmp_path / "__0_0.distcp"), "__0_1.distcp": None}
-
-
-def test_async_buffers_prepared_before_the_first_save_are_those_it_copies_into(tmp_path, monkeypatch):
-    from bigscience_train.checkpoint import dcp as dcp_module
-    from bigscience_train.checkpoint.dcp import TrainState
-
-    allocations = []
-    allocate = dcp_module._create_cpu_state_dict
-    monkeypatch.setattr(
-        dcp_module, "_create_cpu_state_dict", lambda *a, **k: allocations.append(1) or allocate(*a, **k)
-    )
-    model, optimizer = tiny_model_and_optimizer()
-    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
-    optimizer.step()
-    manager = CheckpointManager(tmp_path, init_parallel(1, 1, None), async_save=True)
-    manager.prepare(model, optimizer).result()
-    assert allocations == [1] and manager.prepare(model, optimizer) is None
-    for step in (1, 2):
-        manager.save(model, optimizer, TrainState(step=step), "", {})
-    manager.finish()
-    assert allocations == [1]
-    saved = dict(iter_model_tensors(tmp_path / "step_0000002"))
-    weights = model.state_dict()
-    assert (
-        saved
-        and saved.keys() <= weights.keys()
-        and all(torch.equal(t, weights[name]) for name, t in saved.items())
-    )
-
-
-def test_shard_bytes_are_sent_to_disk_in_order_while_written(tmp_path, monkeypatch):
-    from bigscience_train.checkpoint import shard_writer
-    from bigscience_train.checkpoint.integrity import file_checksum
-
-    started, start_writeback = [], shard_writer.start_writeback
-    monkeypatch.setattr(shard_writer, "WRITEBACK_BYTES", 1000)
-    monkeypatch.setattr(
-        shard_writer, "start_writeback", lambda fd, offset, length: started.append((offset, length))
-    )
-    fs = shard_writer.ShardWriter(tmp_path).fs
-    with fs.create_stream(tmp_path / "__0_0.distcp", "wb") as stream:
-        for size in (600, 600, 1500, 10):
-            stream.write(bytes(size))
-        stream.seek(0)
-        stream.write(bytes(1200))
-    assert started == [(0, 1200), (1200, 1500)]
-    assert fs.checksums == {"__0_0.distcp": None}
-    # The real call on a real file: a hint, which leaves the bytes as written.
-    with fs.create_stream(tmp_path / "__0_1.distcp", "wb") as stream:
-        stream.write(bytes(range(256)) * 8)
-        start_writeback(stream.fileno(), 0, 2048)
-    assert fs.checksums["__0_1.distcp"] == file_checksum(tmp_path / "__0_1.distcp")
-    assert (tmp_path / "__0_1.distcp").read_bytes() == bytes(range(256)) * 8
+    for async_save in (False, True):
+        saver = CheckpointManager(tmp_path / str(async_save), init_parallel(), async_save=async_save)
+        saver.save(model, optimizer, state, "", {})
+        saver.finish()
+        assert saver.latest().name == "step_0000006"

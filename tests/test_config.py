@@ -1,7 +1,8 @@
 import pytest
 
 from bigscience_train.config import ConfigError, OverrideError, config_problems, load_config, validate
-from bigscience_train.model import build_on_meta, count_parameters, shape_from_config
+from bigscience_train.model.gpt import build_on_meta, count_parameters
+from bigscience_train.parallel.dims import ParallelDims
 from tests.conftest import run_cli
 
 
@@ -184,7 +185,7 @@ def test_presets_have_real_shapes():
     [("gpt_125m", 0.125), ("gpt_350m", 0.355), ("gpt_1b3", 1.31), ("tr1_13b", 12.9), ("bloom_176b", 176.2)],
 )
 def test_presets_build_on_meta_with_expected_size(preset, billions):
-    model = build_on_meta(shape_from_config(load_config([f"model={preset}"]).model))
+    model = build_on_meta(ParallelDims().model_shape(load_config([f"model={preset}"]).model))
     assert next(model.parameters()).device.type == "meta"
     assert count_parameters(model) / 1e9 == pytest.approx(billions, rel=0.03)
 
@@ -201,3 +202,36 @@ def test_cli_prints_resolved_config_and_reports_errors():
         "model.num_heads=3" in invalid.stderr
         and "data.tokenizer: no such file /nonexistent.json" in invalid.stderr
     )
+
+
+def test_a_user_config_directory_adds_presets_and_overrides_packaged_ones(tmp_path, monkeypatch):
+    user = tmp_path / "my_configs"
+    for group in ("model", "cluster", "experiment"):
+        (user / group).mkdir(parents=True)
+    (user / "model" / "my_model.yaml").write_text(
+        "name: my_model\nnum_layers: 2\nhidden_size: 96\nnum_heads: 3\nseq_length: 32\nvocab_size: 512\n"
+    )
+    (user / "cluster" / "slurm.yaml").write_text(
+        "name: slurm\ndevice: a100\nnodes: 4\nprocs_per_node: 8\naccount: my_project\npartition: gpu_p5\n"
+    )
+    (user / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: my_model\n  - override /cluster: slurm\n"
+        "train:\n  iters: 7\n"
+    )
+    packaged_slurm = load_config(["cluster=slurm"]).cluster
+    monkeypatch.setenv("BIGSCIENCE_CONFIG_DIR", str(user))
+
+    cfg = load_config(["model=my_model", "cluster=slurm"])
+    assert (cfg.model.name, cfg.model.hidden_size, cfg.model.num_layers) == ("my_model", 96, 2)
+    assert (cfg.cluster.nodes, cfg.cluster.account, cfg.cluster.partition) == (4, "my_project", "gpu_p5")
+    assert packaged_slurm.account != "my_project"
+    mine = load_config(["experiment=mine"])
+    assert (mine.model.name, mine.cluster.account, mine.train.iters) == ("my_model", "my_project", 7)
+    # The packaged presets are still there, and a missing one is still named.
+    assert load_config(["model=tr1_13b"]).model.hidden_size == 5120
+    with pytest.raises(OverrideError, match="Could not find 'model/gpt_3'"):
+        load_config(["model=gpt_3"])
+
+    monkeypatch.setenv("BIGSCIENCE_CONFIG_DIR", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="BIGSCIENCE_CONFIG_DIR=.*missing is not a directory"):
+        load_config([])

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bigscience_train.model import GPT, GPTShape
+from bigscience_train.model.gpt import GPT
+from bigscience_train.model.shape import GPTShape
 from tests.conftest import data_overrides, read_metrics, run_cli
 from tests.test_train import FAST
 

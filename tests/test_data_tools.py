@@ -1,11 +1,14 @@
 import gzip
 import json
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bigscience_train.data.indexed import IndexedDataset, IndexedDatasetBuilder, open_indexed
+from bigscience_train.data.indexed import IndexedWriter, open_indexed, token_dtype
 from bigscience_train.data.tokenizer import Tokenizer
 from data_tools.corpus import write_corpus
 from data_tools.fast_encoder import build_encoder
@@ -13,7 +16,15 @@ from data_tools.inspect import describe
 from data_tools.jsonl import CorpusError
 from data_tools.merge import merge
 from data_tools.preprocess import preprocess
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
+
+
+def megatron_core():
+    """megatron-core's indexed_dataset: the reference our reader and writer must match byte for byte."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its import warns that Transformer Engine and apex are absent
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
 
 
 def test_stdlib_corpus_is_real_text(tmp_path):
@@ -43,7 +54,7 @@ def test_tokenizer_has_eod_and_pad(tiny_data):
 def test_preprocess_round_trips_through_megatron_reader(tiny_data):
     tok = Tokenizer(tiny_data["tokenizer"])
     texts = [json.loads(line)["text"] for line in tiny_data["corpus"].open()]
-    ds = IndexedDataset(tiny_data["prefix"])
+    ds = megatron_core().IndexedDataset(tiny_data["prefix"])
     assert len(ds) == len(texts)
     assert ds.index.dtype == np.uint16
     for i in (0, len(texts) // 2, len(texts) - 1):
@@ -104,7 +115,79 @@ def test_strict_stops_at_first_bad_line_and_leaves_nothing(tiny_data, tmp_path):
     assert list(tmp_path.iterdir()) == [corpus]
 
 
-@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def random_documents(vocab_size: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(0, vocab_size, size=int(rng.integers(1, 300))) for _ in range(40)]
+    docs.insert(7, np.array([], dtype=np.int64))  # an empty document is kept as one of 0 tokens
+    docs.append(np.array([0, vocab_size - 1]))
+    return docs
+
+
+@pytest.mark.parametrize("vocab_size", [512, 65499, 65500, 250_680])
+def test_writer_is_byte_identical_to_megatron_core(tmp_path, vocab_size):
+    mc = megatron_core()
+    dtype = token_dtype(vocab_size)
+    assert dtype == mc.DType.optimal_dtype(vocab_size)
+    docs = random_documents(vocab_size)
+    theirs = mc.IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=dtype)
+    for doc in docs:
+        theirs.add_document(doc, [len(doc)])
+    theirs.finalize(str(tmp_path / "theirs.idx"))
+    with IndexedWriter(str(tmp_path / "ours.bin"), dtype) as ours:
+        ours.add_documents(np.concatenate(docs[:10]), [len(d) for d in docs[:10]])
+        ours.add_documents(np.concatenate(docs[10:]), [len(d) for d in docs[10:]])
+        ours.finalize(str(tmp_path / "ours.idx"))
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"theirs{suffix}").read_bytes()
+
+    megatron_reads_ours = mc.IndexedDataset(str(tmp_path / "ours"))
+    we_read_theirs = open_indexed(str(tmp_path / "theirs"))
+    assert len(megatron_reads_ours) == len(we_read_theirs) == we_read_theirs.num_documents == len(docs)
+    assert we_read_theirs.dtype == dtype
+    for i, doc in enumerate(docs):
+        assert megatron_reads_ours[i].tolist() == we_read_theirs[i].tolist() == doc.tolist()
+    assert megatron_reads_ours.document_indices.tolist() == we_read_theirs.document_indices.tolist()
+
+
+def test_writer_without_documents_matches_megatron_core_and_reads_back(tmp_path):
+    theirs = megatron_core().IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.uint16)
+    theirs.finalize(str(tmp_path / "theirs.idx"))
+    with IndexedWriter(str(tmp_path / "ours.bin"), np.uint16) as ours:
+        ours.finalize(str(tmp_path / "ours.idx"))
+    assert (tmp_path / "ours.idx").read_bytes() == (tmp_path / "theirs.idx").read_bytes()
+    assert (tmp_path / "ours.bin").read_bytes() == b""
+    empty = open_indexed(str(tmp_path / "ours"))
+    assert len(empty) == empty.num_documents == empty.num_tokens == 0
+
+
+def test_writer_refuses_ids_its_dtype_cannot_hold(tmp_path):
+    with IndexedWriter(str(tmp_path / "w.bin"), np.uint16) as writer, pytest.raises(ValueError, match="fit"):
+        writer.add_documents(np.array([1, 70_000]), [2])
+    with (
+        IndexedWriter(str(tmp_path / "w.bin"), np.uint16) as writer,
+        pytest.raises(ValueError, match="add up"),
+    ):
+        writer.add_documents(np.array([1, 2]), [3])
+
+
+def test_data_tools_import_neither_torch_nor_megatron():
+    code = (
+        "import sys\n"
+        "import bigscience_train.data, data_tools.preprocess, data_tools.merge, data_tools.inspect\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'megatron', 'transformers'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_missing_dataset_file_is_reported_with_its_name(tiny_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/nope.idx"):
+        open_indexed(str(tmp_path / "nope"))
+    Path(f"{tmp_path}/half.idx").write_bytes(Path(tiny_data["prefix"] + ".idx").read_bytes())
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/half.bin"):
+        open_indexed(str(tmp_path / "half"))
+
+
 def test_truncated_bin_is_reported_with_its_name(tiny_data, tmp_path):
     prefix = tmp_path / "copy"
     Path(f"{prefix}.idx").write_bytes(Path(tiny_data["prefix"] + ".idx").read_bytes())
@@ -114,7 +197,11 @@ def test_truncated_bin_is_reported_with_its_name(tiny_data, tmp_path):
     ):
         open_indexed(str(prefix))
     Path(f"{prefix}.idx").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=rf"{prefix}.idx is not a valid Megatron index"):
+    with pytest.raises(ValueError, match=rf"{prefix}.idx is not a valid Megatron index: bad header"):
+        open_indexed(str(prefix))
+    whole = Path(tiny_data["prefix"] + ".idx").read_bytes()
+    Path(f"{prefix}.idx").write_bytes(whole[:-8])
+    with pytest.raises(ValueError, match=rf"{prefix}.idx is not a valid Megatron index: \d+ bytes where"):
         open_indexed(str(prefix))
 
 
@@ -186,9 +273,9 @@ def test_shards_merged_in_order_equal_the_whole(tiny_data, tmp_path):
 
 def test_merge_refuses_mixed_token_types(tiny_data, tmp_path):
     prefix = str(tmp_path / "wide")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
-    builder.add_document(np.array([1, 2, 3]), [3])
-    builder.finalize(prefix + ".idx")
+    with IndexedWriter(prefix + ".bin", np.int32) as writer:
+        writer.add_documents(np.array([1, 2, 3]), [3])
+        writer.finalize(prefix + ".idx")
     with pytest.raises(ValueError, match="holds int32 tokens but .* holds uint16"):
         merge([tiny_data["prefix"], prefix], str(tmp_path / "out"))
     assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
@@ -197,7 +284,7 @@ def test_merge_refuses_mixed_token_types(tiny_data, tmp_path):
 def test_fast_encoder_matches_tokenizers_and_falls_back(tiny_data, tmp_path):
     texts = [json.loads(line)["text"] for line in tiny_data["corpus"].open()]
     texts.append("text that spells <|endoftext|> out")
-    encode, description = build_encoder(tiny_data["tokenizer"], texts[:8])
+    encode, description = build_encoder(Tokenizer(tiny_data["tokenizer"]), texts[:8])
     assert description.startswith("tiktoken")
     assert encode(texts) == Tokenizer(tiny_data["tokenizer"]).encode_batch(texts)
 
@@ -209,7 +296,7 @@ def test_fast_encoder_matches_tokenizers_and_falls_back(tiny_data, tmp_path):
     word_level.add_special_tokens(["<|endoftext|>"])
     path = tmp_path / "word_level.json"
     word_level.save(str(path))
-    encode, description = build_encoder(str(path), ["a b"])
+    encode, description = build_encoder(Tokenizer(path), ["a b"])
     assert description == "tokenizers (no fast encoder: model type WordLevel is not BPE)"
     assert encode(["a a"]) == [[1, 1]]
 

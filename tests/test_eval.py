@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from bigscience_train.checkpoint.hf_export import export_hf
 from bigscience_train.config import load_config
 from bigscience_train.data.tokenizer import Tokenizer
-from bigscience_train.model import GPTShape, build_on_meta, materialize
+from bigscience_train.model.gpt import build_on_meta, materialize
+from bigscience_train.model.shape import GPTShape
 from bigscience_train.parallel.env import init_parallel
+from evaluation.during_training import TaskEvaluation
 from evaluation.lm import BigScienceLM, shared_rows
 from evaluation.run import evaluate_checkpoint, expand_short_keys, pending_checkpoints, write_results
 from evaluation.tasks import TaskDataMissing, bundled, bundled_config, task_specs
@@ -26,7 +28,7 @@ TASKS = "tasks=[stdlib_cloze,stdlib_choice]"
 def lm(tiny_data):
     shape = GPTShape(num_layers=2, hidden_size=64, num_heads=4, seq_length=32, vocab_size=512)
     model = materialize(build_on_meta(shape), seed=5).eval()
-    return BigScienceLM(model, Tokenizer(tiny_data["tokenizer"]), init_parallel(1, 1, None), batch_tokens=100)
+    return BigScienceLM(model, Tokenizer(tiny_data["tokenizer"]), init_parallel(), batch_tokens=100)
 
 
 def direct_logprob(model, tokens: list[int], n: int) -> tuple[float, bool]:
@@ -184,7 +186,7 @@ def test_same_results_at_every_layout_and_a_run_is_evaluated_once(tiny_data, tra
         found[name] = results(tmp_path / name / "step_0000030" / "results.json")
     # The reference: one process, in this one (no start-up to pay).
     specs = task_specs(["stdlib_cloze", "stdlib_choice"])
-    single = evaluate_checkpoint(step, load_config(["eval.limit=40"]), [], init_parallel(1, 1, None), specs)
+    single = evaluate_checkpoint(step, load_config(["eval.limit=40"]), [], init_parallel(), specs)
     write_results(tmp_path / "single", single, {"step": 30})
     found["single"] = results(tmp_path / "single" / "results.json")
     reference = found["single"]
@@ -227,7 +229,7 @@ def test_our_adapter_and_lm_evals_hf_backend_agree_on_the_exported_model(trained
         model="hf", model_args=f"pretrained={exported},dtype=float32", device="cpu", batch_size=8, **common
     )
     cfg = load_config(["eval.limit=40"])
-    ours = evaluate_checkpoint(step, cfg, [], init_parallel(1, 1, None), specs)
+    ours = evaluate_checkpoint(step, cfg, [], init_parallel(), specs)
     for task in ("stdlib_choice", "stdlib_cloze"):
         assert ours["results"][task]["acc,none"] == theirs["results"][task]["acc,none"]
     # Perplexity: exp of a mean log-likelihood near -25 here; the two models' float rounding differs.
@@ -245,6 +247,17 @@ def test_tasks_scored_during_training_are_logged_and_written_like_eval_results(t
         "train.eval_tasks=[stdlib_choice]",
         "train.eval_tasks_interval=2",
         "train.eval_tasks_limit=10",
+        hooks=[
+            TaskEvaluation(
+                load_config(
+                    [
+                        "train.eval_tasks=[stdlib_choice]",
+                        "train.eval_tasks_interval=2",
+                        "train.eval_tasks_limit=10",
+                    ]
+                ).train
+            )
+        ],
     )
     records = read_metrics(run, "tasks")
     assert [r["step"] for r in records] == [2, 4]

@@ -3,23 +3,22 @@ import pytest
 
 from bigscience_train.config import load_config
 from bigscience_train.data.gpt_data import build_splits
-from bigscience_train.data.indexed import IndexedDatasetBuilder
+from bigscience_train.data.indexed import IndexedWriter
 from bigscience_train.data.tokenizer import Tokenizer
 from bigscience_train.parallel.env import init_parallel
 
 
 @pytest.fixture(autouse=True)
 def process_group():
-    init_parallel(1, 1, None)  # megatron-core's blended index builder asks for the rank
+    init_parallel()  # megatron-core's blended index builder asks for the rank
 
 
 def random_dataset(prefix: str, docs: int = 200, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for _ in range(docs):
-        doc = rng.integers(2, 512, size=int(rng.integers(50, 400)))
-        builder.add_document(doc, [len(doc)])
-    builder.finalize(prefix + ".idx")
+    lengths = rng.integers(50, 400, size=docs)
+    with IndexedWriter(prefix + ".bin", np.uint16) as writer:
+        writer.add_documents(rng.integers(2, 512, size=int(lengths.sum())), lengths)
+        writer.finalize(prefix + ".idx")
     return prefix
 
 

@@ -4,19 +4,13 @@ import pytest
 import torch
 
 from bigscience_train.config import load_config, padded_vocab_size
-from bigscience_train.model import (
-    GPT,
-    GPTShape,
-    build_on_meta,
-    count_parameters,
-    materialize,
-    output_loss,
-    positions,
-    shape_from_config,
-)
+from bigscience_train.model import output_chunks
+from bigscience_train.model.gpt import GPT, build_on_meta, count_parameters, materialize
 from bigscience_train.model.positions import alibi_causal_bias, alibi_slopes
+from bigscience_train.model.shape import GPTShape
+from bigscience_train.parallel.dims import ParallelDims
+from bigscience_train.parallel.loss import masked_lm_loss_sum
 from bigscience_train.parallel.pipeline import stage_layers
-from bigscience_train.train.loss import masked_lm_loss_sum
 
 SHAPE = GPTShape(num_layers=2, hidden_size=64, num_heads=4, seq_length=32, vocab_size=256)
 
@@ -77,44 +71,14 @@ def test_flex_attention_computes_what_sdpa_computes(position):
         assert torch.allclose(flex(tokens), sdpa(tokens), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("position", ["alibi", "none", "rotary"])
-@pytest.mark.parametrize("seq,head_dim", [(200, 16), (64, 32), (130, 80)])
-def test_cpu_attention_kernels_compute_what_sdpa_computes(position, seq, head_dim):
-    """cpu_attention.cpp against one SDPA call (with the dense ALiBi bias, or causal): sequences that end
-    inside a 64-token block and ones that fill it, head sizes of one to five vectors, q, k and v read from the
-    fused projection's layout (rotary positions restack them). Outputs and the gradient of that projection."""
-    import torch.nn.functional as F
-
-    from bigscience_train.model import cpu_attention
-    from bigscience_train.model.attention import CpuMask, causal_attention, causal_mask
-
-    heads = 4
-    slopes = alibi_slopes(heads) if position == "alibi" else None
-    mask = causal_mask("sdpa", slopes, seq, head_dim, torch.float32, torch.device("cpu"))
-    assert isinstance(mask, CpuMask) and cpu_attention.available(head_dim)
-    rope = positions.rotary_cos_sin(positions.rotary_inv_freq(head_dim, 10000.0), seq, torch.float32)
-    rope = rope if position == "rotary" else None
-    qkv = torch.randn(2, seq, heads, 3, head_dim, requires_grad=True)
-    grad = torch.randn(2, heads, seq, head_dim)
-    ours = causal_attention(qkv, mask, rope, 0.0)
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))
-    if rope is not None:
-        q, k = positions.apply_rotary(q, *rope), positions.apply_rotary(k, *rope)
-    bias = alibi_causal_bias(slopes, seq, torch.float32) if slopes is not None else None
-    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    ours_grad, theirs_grad = (torch.autograd.grad(out, qkv, grad)[0] for out in (ours, theirs))
-    torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-5, rtol=1e-5)
-
-
-def test_attention_dropout_on_cpu_takes_sdpa_with_the_alibi_bias():
-    """The CPU kernels have no dropout: with attention dropout, the same draws as SDPA given the dense bias."""
+def test_alibi_attention_with_dropout_is_sdpa_with_the_dense_bias():
+    """The mask the model builds for ALiBi is the dense causal bias: the same outputs and dropout draws."""
     import torch.nn.functional as F
 
     from bigscience_train.model.attention import causal_attention, causal_mask
 
     slopes = alibi_slopes(4)
-    mask = causal_mask("sdpa", slopes, 40, 16, torch.float32, torch.device("cpu"))
+    mask = causal_mask("sdpa", slopes, 40, torch.float32, torch.device("cpu"))
     qkv = torch.randn(2, 40, 4, 3, 16)
     torch.manual_seed(3)
     ours = causal_attention(qkv, mask, None, 0.3)
@@ -129,8 +93,8 @@ def test_attention_dropout_on_cpu_takes_sdpa_with_the_alibi_bias():
 @pytest.mark.parametrize("tie", [True, False])
 def test_fused_output_loss_matches_logits_and_cross_entropy(tie, monkeypatch):
     # Chunks of 16 tokens over 2 x 32: four chunks, the loss mask cutting across them.
-    monkeypatch.setattr(output_loss, "MIN_CHUNK_TOKENS", 16)
-    monkeypatch.setattr(output_loss, "CHUNK_LOGITS", 16 * SHAPE.vocab_size)
+    monkeypatch.setattr(output_chunks, "MIN_CHUNK_TOKENS", 16)
+    monkeypatch.setattr(output_chunks, "CHUNK_LOGITS", 16 * SHAPE.vocab_size)
     tokens = torch.randint(0, SHAPE.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     labels = tokens.roll(-1, dims=1)
     mask = torch.rand(2, 32, generator=torch.Generator().manual_seed(2)) > 0.25
@@ -234,7 +198,7 @@ def test_vocab_padding_to_multiple_of_128_times_tp():
     assert padded_vocab_size(50257, 128, 4) == 50688
     assert padded_vocab_size(250880, 128, 4) == 250880
     cfg = load_config(["model=gpt_125m"])
-    assert shape_from_config(cfg.model, tp=2).vocab_size == 50432
+    assert ParallelDims(tp=2).model_shape(cfg.model).vocab_size == 50432
 
 
 def test_embedding_layernorm_switch():
@@ -281,8 +245,8 @@ def test_pipeline_stages_hold_the_whole_models_weights_and_compute_its_logits(po
 
 
 def test_compiled_block_computes_what_the_eager_block_computes():
-    """train.compile compiles each block: there GeLU takes its sigmoid form (model/gpt.py, gelu_tanh). Outputs
-    and the gradients of the input and of every weight match the eager block's."""
+    """train.compile compiles each block in place: outputs and the gradients of the input and of every weight
+    match the eager block's."""
     from bigscience_train.model.attention import causal_mask
     from bigscience_train.model.gpt import Block
 
@@ -291,9 +255,7 @@ def test_compiled_block_computes_what_the_eager_block_computes():
     compiled = Block(model.shape)
     compiled.load_state_dict(block.state_dict())
     compiled.compile(dynamic=False)
-    mask = causal_mask(
-        "sdpa", model.alibi_slopes, SHAPE.seq_length, SHAPE.head_dim, torch.float32, torch.device("cpu")
-    )
+    mask = causal_mask("sdpa", model.alibi_slopes, SHAPE.seq_length, torch.float32, torch.device("cpu"))
     x = torch.randn(2, SHAPE.seq_length, SHAPE.hidden_size, requires_grad=True)
     grad = torch.randn_like(x)
     outputs = []

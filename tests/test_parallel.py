@@ -85,9 +85,11 @@ LAYOUTS = {
 # Each layout and each feature at least once, within the suite's time: (1,2,2) and (2,2,1) are also compared
 # by the resume tests below (saved at (2,2,1), resumed at (1,2,2)); FSDP over dp alone is a special case of
 # FSDP composed with tp or pp (and test_train compares (1,1,2) with DDP); 1F1B runs in (2,2,1)-sp and in the
-# resumed (1,2,2); sequence parallel in (2,2,1)-sp. GPipe and (2,1,1)-sp are in LAYOUTS for runs by hand.
+# resumed (1,2,2); GPipe in (1,2,1)-gpipe; sequence parallel in (2,2,1)-sp. (2,1,1)-sp is in LAYOUTS for runs
+# by hand.
 COMPARED = [
     "(2,1,1)",
+    "(1,2,1)-gpipe",
     "(2,1,2)",
     "(2,1,2)-zero3",
     "(1,2,1)-interleaved",

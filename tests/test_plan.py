@@ -6,9 +6,10 @@ import pytest
 
 from bigscience_train.cli import main
 from bigscience_train.config import load_config
-from bigscience_train.model import build_on_meta, count_parameters, shape_from_config
+from bigscience_train.dryrun.memory_check import measure_memory
+from bigscience_train.model.gpt import build_on_meta, count_parameters
+from bigscience_train.parallel.dims import ParallelDims
 from bigscience_train.plan.estimate import layout_of, make_plan, search
-from bigscience_train.plan.measure import measure_memory
 from bigscience_train.plan.memory import parameter_counts
 from tests.conftest import data_overrides
 
@@ -44,15 +45,14 @@ def plan_of(overrides):
 
 @pytest.mark.parametrize("preset", ["gpt_tiny", "gpt_350m", "tr1_13b", "bloom_176b"])
 def test_parameter_formula_matches_the_model(preset):
-    cfg = load_config([f"model={preset}"])
-    built = count_parameters(build_on_meta(shape_from_config(cfg.model)))
-    assert parameter_counts(cfg.model, 1).total == built
+    shape = ParallelDims().model_shape(load_config([f"model={preset}"]).model)
+    assert parameter_counts(shape, 1).total == count_parameters(build_on_meta(shape))
 
 
 def test_tr1_13b_on_jean_zay_v100_matches_what_bigscience_measured():
     # Measured: about 13.25 s per iteration and 34 TFLOP/s per GPU (counting the recomputed forward).
     plan = plan_of(TR1_13B)
-    assert plan.world == 512 and plan.layout.dp == 64
+    assert plan.world == 512 and plan.layout.dims.dp == 64
     assert plan.tflops_per_device(hardware=True) == pytest.approx(34.0, rel=0.20)
     assert plan.time.iteration == pytest.approx(13.25, rel=0.20)
 
@@ -60,7 +60,7 @@ def test_tr1_13b_on_jean_zay_v100_matches_what_bigscience_measured():
 def test_bloom_176b_on_jean_zay_a100_matches_what_bigscience_measured():
     # Measured: 149-150 TFLOP/s per GPU, about 105 s per iteration.
     plan = plan_of(BLOOM_176B)
-    assert plan.world == 384 and (plan.layout.tp, plan.layout.pp, plan.layout.dp) == (4, 12, 8)
+    assert plan.world == 384 and (plan.layout.dims.tp, plan.layout.dims.pp, plan.layout.dims.dp) == (4, 12, 8)
     assert plan.tflops_per_device(hardware=True) == pytest.approx(149.5, rel=0.20)
     assert plan.time.iteration == pytest.approx(105.0, rel=0.20)
     assert plan.time.bubble_fraction == pytest.approx(11 / (128 + 11))
@@ -87,8 +87,8 @@ def test_search_ranks_only_fitting_layouts_fastest_first():
     assert plans and all(p.fits for p in plans)
     times = [p.time.iteration for p in plans]
     assert times == sorted(times)
-    assert all(p.layout.tp <= 4 and 32 % p.layout.tp == 0 for p in plans)
-    assert all(1024 % (p.layout.micro_batch * p.layout.dp) == 0 for p in plans)
+    assert all(p.layout.dims.tp <= 4 and 32 % p.layout.dims.tp == 0 for p in plans)
+    assert all(1024 % (p.layout.micro_batch * p.layout.dims.dp) == 0 for p in plans)
 
 
 def test_plan_command_prints_the_breakdown(capsys):

@@ -79,6 +79,93 @@ def test_script_directives_follow_the_preset(tiny_data, tmp_path):
     assert "--array" not in one_per_rank and "torch.distributed.run" not in one_per_rank
 
 
+def fake_slurm_bin(tmp_path: Path) -> Path:
+    """srun that records its arguments instead of launching, and scontrol that knows one node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/bash\ncase "$2" in hostnames) echo node1 ;; node) echo "   NodeAddr=127.0.0.1" ;; esac\n'
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return bin_dir
+
+
+# What torchrun --help lists of the stop options: before 2.10, 2.10-2.11; the installed torch is checked too.
+OLD_HELP = {
+    "2.9": "usage: torchrun [-h] [--nnodes NNODES] [--max-restarts MAX_RESTARTS]",
+    "2.11": "usage: torchrun [-h] [--max-restarts MAX_RESTARTS] [--signals-to-handle SIGNALS_TO_HANDLE]",
+}
+
+
+@pytest.mark.parametrize("torch_help", ["2.9", "2.11", "installed"])
+def test_torchrun_gets_the_stop_options_its_torch_has(tiny_data, tmp_path, torch_help):
+    bin_dir = fake_slurm_bin(tmp_path)
+    python = tmp_path / "python"
+    help_file = tmp_path / "help.txt"
+    if torch_help in OLD_HELP:
+        help_file.write_text(OLD_HELP[torch_help] + "\n")
+    # The job's Python: this one, except that an older torchrun's --help comes from help.txt.
+    python.write_text(
+        "#!/bin/bash\n"
+        f'if [ "$*" = "-m torch.distributed.run --help" ] && [ -f {help_file} ]; then\n'
+        f"  cat {help_file}; exit 0\n"
+        "fi\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    prepared = prepare_training(
+        [
+            *data_overrides(tiny_data, tmp_path / "run"),
+            "train.iters=1",
+            "cluster=local_dev",
+            f"cluster.python={python}",
+            f"cluster.workdir={tmp_path}",
+        ]
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SRUN_ARGS": str(tmp_path / "srun_args"),
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_JOB_ID": "7",
+        "SLURM_NNODES": "2",
+    }
+    done = subprocess.run(["bash", str(prepared.script_path)], capture_output=True, text=True, env=env)
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    assert args[:4] == ["--kill-on-bad-exit=1", str(python), "-m", "torch.distributed.run"], done.stdout
+    signals = "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    shutdown = "--shutdown-timeout=90"  # cluster.signal_seconds=30 of local_dev, and Slurm's minute early
+    help_text = (
+        OLD_HELP.get(torch_help)
+        or subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--help"], capture_output=True, text=True
+        ).stdout
+    )
+    expected = [flag for flag in (signals, shutdown) if flag.split("=")[0] in help_text]
+    assert [a for a in args if a.startswith(("--signals-to-handle", "--shutdown-timeout"))] == expected
+    assert args[-4:] == [
+        "-m",
+        "bigscience_train.train",
+        "--config-file",
+        str(tmp_path / "run/slurm/config.yaml"),
+    ]
+    warnings = [line for line in done.stdout.splitlines() if line.startswith("warning: this torchrun has no")]
+    assert len(warnings) == 2 - len(expected), done.stdout
+
+
+def test_a_stop_signal_every_torchrun_forwards_needs_no_signals_option(tiny_data, tmp_path):
+    overrides = [*data_overrides(tiny_data, tmp_path / "run"), "train.iters=1", "cluster=local_dev"]
+    term = prepare_training([*overrides, "train.stop_signal=TERM"]).script
+    assert "--signals-to-handle" not in term and "--shutdown-timeout" in term
+    # A name without SIG is the same signal, and torchrun takes it with SIG.
+    assert (
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
+        in prepare_training([*overrides, "train.stop_signal=USR2"]).script
+    )
+
+
 def test_user_values_stay_inert_and_secrets_stay_out(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "s3cr3t-key-value")
     pwn = tmp_path / "pwned"

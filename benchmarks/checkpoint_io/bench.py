@@ -1,17 +1,14 @@
-"""Checkpoint save and load bandwidth against the disk's own, measured in the same run; async save's blocking.
+"""Our checkpoint save and load against bare DCP on the same state dict, in the same run.
 
-State: a GPT of ~91M parameters: fp32 weights and AdamW's two moments, 12 bytes per parameter, about 1.1 GB.
-Peers: a plain file of the same size written in 16 MB chunks then fsynced (like `dd conv=fsync`), after each of
-three saves; the checkpoint's own files read in requests of our reader's size (REQUEST_BYTES), each through a
-fresh descriptor, as ours (the same bytes at the same place on disk as our load reads), the faster of one
-request at a time and two in flight: some virtual or network disks read faster with two. The page cache is
-dropped before each read, for ours and for the peer alike: the whole cache as root (`/proc/sys/vm/drop_caches`),
-else each file's pages (posix_fadvise DONTNEED, which a virtual disk may ignore). Ours: CheckpointManager.save
-(DCP shards, checksums, atomic commit) and .load (size and checksum verification, DCP load into the model and
-optimizer). Async: how long a training step (forward, backward and AdamW on one 256-token sequence) waits on a
-save started before it (save() itself and the wait for the copy of the state before the optimizer step), at the
-first async save (its buffers allocated in the background after the step before, as the trainer does) and at
-the next ones, and how much longer that step takes than one without a save.
+State: a stack of 8 MLP blocks (1024 -> 4096 -> 1024, 67M parameters) with AdamW's two moments, 0.8 GB
+in fp32. Ours: CheckpointManager.save (stock DCP FileSystemWriter, then the xxh3 manifest and the
+atomic commit), sync and async, and CheckpointManager.load (sizes, the safe reader and planner, checksums,
+set_state_dict). The peer: what a plain DCP user writes, get_state_dict then dcp.save with a stock
+FileSystemWriter of the same thread count (or dcp.async_save with the same DefaultStager options), and
+get_state_dict, dcp.load with a stock FileSystemReader, set_state_dict. Ours and the peer's are timed in
+turns, best of three, each load after the page cache of its files is dropped. Async: how long a training step
+(forward, backward and AdamW on one batch) waits on a save started before it: the call itself and the wait
+for the copy before the optimizer step, at the first save (staging buffers allocated) and the next ones.
 """
 
 from __future__ import annotations
@@ -20,211 +17,193 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.staging import DefaultStager
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from benchmarks.common import write_result
-from bigscience_train.checkpoint.dcp import CheckpointManager, TrainState
-from bigscience_train.checkpoint.file_reads import REQUEST_BYTES
-from bigscience_train.model import build_on_meta, materialize
-from bigscience_train.model.gpt import GPTShape
-from bigscience_train.parallel.env import init_parallel
-from bigscience_train.train.loop import build_optimizer
+from benchmarks.common import report
+from bigscience_train.checkpoint.dcp import (
+    OPTIONS,
+    CheckpointManager,
+    SingleProcess,
+    TrainState,
+    staging_options,
+)
+from bigscience_train.checkpoint.integrity import file_checksum
 
-CHUNK = 16 * 1024 * 1024  # the peer write's
+THREADS = 2  # checkpoint.write_threads' default
+ROUNDS = 3
+WIDTH, BLOCKS, BATCH = 1024, 8, 32
 
 
-class _Optim:
-    lr, weight_decay, beta1, beta2, eps = 1e-4, 0.1, 0.9, 0.95, 1e-8
-
-
-def drop_cache(root: Path) -> None:
+def drop_cache(directory: Path) -> None:
+    """The whole page cache as root, else each file's pages (which a virtual disk may ignore)."""
     os.sync()
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         return
     except OSError:
         pass
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def disk_write(path: Path, size: int) -> float:
-    block = os.urandom(CHUNK)
-    start = time.perf_counter()
-    with open(path, "wb") as f:
-        for _ in range(size // CHUNK):
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
-    return size / (time.perf_counter() - start)
-
-
-def disk_read(directory: Path, readers: int) -> float:
-    """Cold read of every file of `directory` in REQUEST_BYTES requests, `readers` of them in flight (the bytes are
-    discarded)."""
-    drop_cache(directory)
-    requests = [
-        (path, offset)
-        for path in sorted(directory.iterdir())
-        for offset in range(0, path.stat().st_size, REQUEST_BYTES)
-    ]
-    buffers = [bytearray(REQUEST_BYTES) for _ in range(readers)]
-
-    def read(index: int) -> None:
-        path, offset = requests[index]
+    for path in directory.iterdir():
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.preadv(fd, [buffers[index % readers]], offset)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
+
+def timed(fn) -> float:
     start = time.perf_counter()
-    with ThreadPoolExecutor(readers) as pool:
-        list(pool.map(read, range(len(requests))))
-    return directory_bytes(directory) / (time.perf_counter() - start)
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def timed_load(manager: CheckpointManager, path: Path, model, optimizer) -> float:
-    drop_cache(path)
-    start = time.perf_counter()
-    manager.load(path, model, optimizer)
+    fn()
     return time.perf_counter() - start
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    penv = init_parallel(1, 1, None)
-    shape = GPTShape(num_layers=12, hidden_size=768, num_heads=12, seq_length=512, vocab_size=8192)
-    model = materialize(build_on_meta(shape), "cpu")
-    optimizer = build_optimizer(model, _Optim, torch.device("cpu"))
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    optimizer.step()
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+class Bench:
+    def __init__(self, root: Path):
+        torch.manual_seed(0)
+        blocks = [
+            torch.nn.Sequential(torch.nn.Linear(WIDTH, 4 * WIDTH), torch.nn.GELU()) for _ in range(BLOCKS)
+        ]
+        layers = [layer for block in blocks for layer in (block, torch.nn.Linear(4 * WIDTH, WIDTH))]
+        self.model = torch.nn.Sequential(*layers)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.inputs = torch.randn(BATCH, WIDTH)
+        self.root = root
+        self.count = 0
+        self.ours = CheckpointManager(root / "ours", SingleProcess(), write_threads=THREADS)
+        self.ours_async = CheckpointManager(
+            root / "ours_async", SingleProcess(), async_save=True, write_threads=THREADS
+        )
+        self.stager = DefaultStager(staging_options())
+        self.train_step(wait=lambda: None)
 
+    def train_step(self, wait) -> float:
+        """Seconds the step waited (`wait`) before its optimizer step."""
+        self.model(self.inputs).square().mean().backward()
+        waited = timed(wait)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return waited
+
+    def fresh(self, kind: str) -> Path:
+        self.count += 1
+        return self.root / kind / f"step_{self.count:07d}"
+
+    def state_dict(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=OPTIONS)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def our_save(self) -> Path:
+        self.count += 1
+        return self.ours.save(self.model, self.optimizer, TrainState(step=self.count), "", {})
+
+    def peer_save(self) -> Path:
+        path = self.fresh("peer")
+        dcp.save(self.state_dict(), storage_writer=FileSystemWriter(path, thread_count=THREADS), no_dist=True)
+        return path
+
+    def our_load(self, path: Path) -> None:
+        self.ours.load(path, self.model, self.optimizer)
+
+    def peer_load(self, path: Path) -> None:
+        state_dict = self.state_dict()
+        dcp.load(state_dict, storage_reader=FileSystemReader(path), no_dist=True)
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optim"],
+            options=OPTIONS,
+        )
+
+    def our_async(self) -> float:
+        """Seconds the next training step is held by an async save started before it."""
+        self.count += 1
+        start = time.perf_counter()
+        self.ours_async.save(self.model, self.optimizer, TrainState(step=self.count), "", {})
+        blocked = time.perf_counter() - start + self.train_step(self.ours_async.wait_staged)
+        self.ours_async.finish()
+        return blocked
+
+    def peer_async(self) -> float:
+        writer = FileSystemWriter(self.fresh("peer_async"), thread_count=THREADS)
+        start = time.perf_counter()
+        response = dcp.async_save(
+            self.state_dict(), storage_writer=writer, async_stager=self.stager, no_dist=True
+        )
+        blocked = time.perf_counter() - start + self.train_step(response.staging_completion.result)
+        response.upload_completion.result()
+        return blocked
+
+
+def main() -> None:
+    torch.set_num_threads(2)
     root = Path(tempfile.mkdtemp(prefix="ckpt_bench_", dir=os.environ.get("BENCH_DIR", "/var/tmp")))
     try:
-        # Saves and peer writes in turns, best of three each, as for the reads below: this disk's write speed
-        # moved between 340 and 1,940 MB/s within minutes. The first save also pays the process's first DCP
-        # calls, and is compared with the write right after it.
-        manager = CheckpointManager(root / "checkpoints", penv)
-        saves, writes = [], []
-        for step in (1, 2, 3):
-            start = time.perf_counter()
-            path = manager.save(model, optimizer, TrainState(step=step), "", {})
-            saves.append(time.perf_counter() - start)
-            size = directory_bytes(path)
-            writes.append(disk_write(root / "peer.bin", (size // CHUNK + 1) * CHUNK))
-            # Files are deleted outside the timed parts, ours as the peer's.
-            (root / "peer.bin").unlink()
-            if step < 3:
-                shutil.rmtree(path)
-        save_s, first_save_s, write_bw = min(saves), saves[0], max(writes)
-        # Best of three for the peer reads and for our load alike, taken in turns: the virtual disk's speed
-        # drifts within a run.
-        sequential, concurrent, loads = [], [], []
-        for _ in range(3):
-            sequential.append(disk_read(path, 1))
-            concurrent.append(disk_read(path, 2))
-            loads.append(timed_load(manager, path, model, optimizer))
-        sequential_read_bw, concurrent_read_bw, load_s = max(sequential), max(concurrent), min(loads)
-        read_bw = max(sequential_read_bw, concurrent_read_bw)
-        # A resume loads once per process: the first load, against the peer reads just before it, is what a
-        # user waits for (it also pays the process's first DCP calls).
-        first_read_bw = max(sequential[0], concurrent[0])
-        first_load_bw = size / loads[0]
-
-        # Async: how long a training step waits on a save that starts before it: save() itself, and the wait
-        # for the state's copy before the optimizer step; and how much longer the step is than one without a
-        # save (the copy and the write run beside it: on this 2-core machine, on the cores training uses).
-        async_manager = CheckpointManager(root / "async", penv, async_save=True)
-        tokens = torch.randint(0, shape.vocab_size, (1, 257))
-
-        def train_step() -> float:
-            """Seconds it waited for the state's copy."""
-            logits = model(tokens[:, :-1])
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[0, 1:]).backward()
-            start = time.perf_counter()
-            async_manager.wait_staged()
-            waited = time.perf_counter() - start
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return waited
-
-        train_step()
-        # As the trainer does after its first optimizer step: the copy's buffers are allocated in the background.
-        async_manager.prepare(model, optimizer)
-        train_step()
-        plain, with_save, blocked = [], [], []
-        for step in (2, 3, 4):
-            async_manager.finish()
-            start = time.perf_counter()
-            train_step()
-            plain.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            async_manager.save(model, optimizer, TrainState(step=step), "", {})
-            saved = time.perf_counter()
-            waited = train_step()
-            with_save.append(time.perf_counter() - start)
-            blocked.append(saved - start + waited)
-        async_manager.finish()
-        step_s = sorted(plain)[1]
-        first_blocked_s, blocked_s = blocked[0], min(blocked[1:])
-        slowdown_s = min(with_save[1:]) - step_s
+        bench = Bench(root)
+        parameters = sum(p.numel() for p in bench.model.parameters())
+        # Warm-up: the process's first DCP calls, and the first async save of each (staging buffers allocated).
+        first_ours_async, first_peer_async = bench.our_async(), bench.peer_async()
+        path, peer_path = bench.our_save(), bench.peer_save()
+        size = sum(p.stat().st_size for p in path.iterdir())
+        times: dict[str, list[float]] = {
+            k: [] for k in ("save", "peer_save", "load", "peer_load", "hash", "async", "peer_async")
+        }
+        for _ in range(ROUNDS):
+            times["save"].append(timed(bench.our_save))
+            # What the manifest costs a save: its files hashed while still in the page cache.
+            times["hash"].append(timed(lambda: [file_checksum(p) for p in bench.ours.latest().iterdir()]))
+            times["peer_save"].append(timed(bench.peer_save))
+            drop_cache(path)
+            times["load"].append(timed(lambda: bench.our_load(path)))
+            drop_cache(peer_path)
+            times["peer_load"].append(timed(lambda: bench.peer_load(peer_path)))
+            times["async"].append(bench.our_async())
+            times["peer_async"].append(bench.peer_async())
+        plain = min(timed(lambda: bench.train_step(lambda: None)) for _ in range(ROUNDS))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    save_bw, load_bw = size / save_s, size / load_s
+    best = {k: min(v) for k, v in times.items()}
     figures = {
-        "parameters": params,
+        "parameters": parameters,
         "checkpoint_bytes": size,
-        "disk_write_MBps": write_bw / 1e6,
-        "disk_read_sequential_MBps": sequential_read_bw / 1e6,
-        "disk_read_concurrent_MBps": concurrent_read_bw / 1e6,
-        "save_MBps": save_bw / 1e6,
-        "first_save_MBps": size / first_save_s / 1e6,
-        "first_disk_write_MBps": writes[0] / 1e6,
-        "load_MBps": load_bw / 1e6,
-        "first_load_MBps": first_load_bw / 1e6,
-        "first_disk_read_MBps": first_read_bw / 1e6,
-        "sync_save_s": save_s,
-        "async_first_blocking_s": first_blocked_s,
-        "async_blocking_s": blocked_s,
-        "train_step_s": step_s,
-        "train_step_slowdown_s": slowdown_s,
+        "save_s": best["save"],
+        "peer_save_s": best["peer_save"],
+        "save_ours_over_peer_time": best["save"] / best["peer_save"],
+        "load_s": best["load"],
+        "peer_load_s": best["peer_load"],
+        "load_ours_over_peer_time": best["load"] / best["peer_load"],
+        "manifest_hash_s": best["hash"],
+        "manifest_hash_over_peer_save_time": best["hash"] / best["peer_save"],
+        "async_blocking_s": best["async"],
+        "peer_async_blocking_s": best["peer_async"],
+        "async_first_blocking_s": first_ours_async,
+        "peer_async_first_blocking_s": first_peer_async,
+        "train_step_s": plain,
     }
-    for key, value in figures.items():
-        print(f"{key:>20}: {value:,.3f}" if isinstance(value, float) else f"{key:>20}: {value:,}")
-    write_result(
+    report(
         "checkpoint_io",
+        figures,
         {
-            "figures": figures,
-            "ratios": {
-                "save / disk write": {"value": save_bw / write_bw, "target": 0.70},
-                "first save / disk write after it": {
-                    "value": size / first_save_s / writes[0],
-                    "target": 0.70,
-                },
-                "load / disk read": {"value": load_bw / read_bw, "target": 0.70},
-                "first load / disk read before it": {
-                    "value": first_load_bw / first_read_bw,
-                    "target": 0.70,
-                },
-                "sync save / async blocking": {"value": save_s / blocked_s, "target": 10.0},
-                "sync save / first async blocking": {"value": save_s / first_blocked_s, "target": 10.0},
+            "save: DCP's time / ours (manifest and commit included)": {
+                "value": best["peer_save"] / best["save"],
+                "target": 0.8,
             },
+            "load: DCP's time / ours (checks and safe load included)": {
+                "value": best["peer_load"] / best["load"],
+                "target": 0.8,
+            },
+            "async blocking: dcp.async_save's / ours": {
+                "value": best["peer_async"] / best["async"],
+                "target": 0.8,
+            },
+            "sync save / async blocking": {"value": best["save"] / best["async"], "target": 10.0},
+            "sync save / first async blocking": {"value": best["save"] / first_ours_async, "target": 10.0},
         },
     )
 

@@ -24,7 +24,8 @@ from benchmarks.common import report
 from bigscience_train.checkpoint.dcp import CheckpointManager, TrainState
 from bigscience_train.checkpoint.hf_export import export_hf
 from bigscience_train.config import load_config, to_yaml
-from bigscience_train.model import build_on_meta, materialize, shape_from_config
+from bigscience_train.model.gpt import build_on_meta, materialize
+from bigscience_train.parallel.dims import ParallelDims
 from bigscience_train.parallel.env import init_parallel
 from bigscience_train.train.loop import build_optimizer
 from data_tools.corpus import documents, stdlib_sources, write_jsonl
@@ -55,8 +56,8 @@ def make_checkpoint(d: Path) -> Path:
         ]
     )
     # An untrained model: the work per request is the same, and no dataset is needed.
-    penv = init_parallel(1, 1, None)
-    model = materialize(build_on_meta(shape_from_config(cfg.model, 1)), seed=0)
+    penv = init_parallel()
+    model = materialize(build_on_meta(ParallelDims().model_shape(cfg.model)), seed=0)
     manager = CheckpointManager(d / "run" / "checkpoints", penv)
     meta = {"model": cfg.model.name, "layout": {"tp": 1, "pp": 1, "dp": 1}, "dtype": "fp32"}
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
@@ -99,7 +100,7 @@ def main() -> None:
         hf_s = time.perf_counter() - start
         cfg = load_config([f"eval.limit={args.limit}", f"eval.batch_size={BATCH}"])
         start = time.perf_counter()
-        lm = load_lm(step, cfg, [], init_parallel(1, 1, None))
+        lm = load_lm(step, cfg, [], init_parallel())
         our_scoring = time_scoring(lm)
         ours = run_tasks(lm, [spec], 0, args.limit)
         ours_s = time.perf_counter() - start

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import torch
 from benchmarks.common import report, time_per_call, write_result
 from benchmarks.train_throughput.bench import make_data
 from bigscience_train.config import load_config
-from bigscience_train.config.schema import Attention
-from bigscience_train.metrics.flops import flops_per_iteration, measured_matmul_peak, peak_flops
+from bigscience_train.metrics.flops import datasheet_peak_flops, flops_per_iteration
+from bigscience_train.metrics.peak import datasheet_name, measured_matmul_peak
+from bigscience_train.model.shape import AttentionKernel
 from bigscience_train.parallel.env import init_parallel
 from bigscience_train.train.loop import Trainer
 
@@ -40,8 +42,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--device-name", default="h100", help="data-sheet peak to use: h100, h200, a100")
-    kernels = [a.value for a in Attention]
+    parser.add_argument(
+        "--device-name", help="data-sheet peak to use (h100, h200, a100); default: from the GPU's name"
+    )
+    kernels = [a.value for a in AttentionKernel]
     parser.add_argument("--attention", nargs="+", default=kernels, choices=kernels)
     parser.add_argument("--profile", action="store_true", help="print the GPU time per kernel of 2 steps")
     parser.add_argument(
@@ -52,7 +56,10 @@ def main() -> None:
         print("train_mfu: needs a GPU, skipped")
         write_result("train_mfu", {"figures": {}, "ratios": {}, "skipped": "needs a GPU"})
         return
-    spec = peak_flops(args.device_name, "bf16")
+    device_name = args.device_name or datasheet_name(torch.cuda.get_device_name())
+    if device_name is None:
+        sys.exit(f"no data-sheet peak for {torch.cuda.get_device_name()}: give --device-name")
+    spec = datasheet_peak_flops(device_name, "bf16")
     measured = measured_matmul_peak(torch.bfloat16, max_n=8192, seconds=2.0, device="cuda")
     figures = {
         "device": torch.cuda.get_device_name(),
@@ -63,7 +70,7 @@ def main() -> None:
     ratios = {}
     with tempfile.TemporaryDirectory() as d:
         prefix, tokenizer = make_data(Path(d))
-        penv = init_parallel(1, 1, None)
+        penv = init_parallel()
         for attention in args.attention:
             cfg = load_config(
                 [
@@ -79,7 +86,7 @@ def main() -> None:
                     f"data.cache_dir={d}/cache",
                     f"run_dir={d}/run",
                     "logging.carbon=false",
-                    f"cluster.device={args.device_name}",
+                    f"cluster.device={device_name}",
                     *args.overrides,
                 ]
             )

@@ -1,9 +1,16 @@
-"""Save and load RUN/checkpoints/step_NNNNNNN/ with DCP.
+"""Save and load RUN/checkpoints/step_NNNNNNN/ with stock DCP.
 
-Commit protocol: every rank writes its shards into a hidden temporary directory; after a barrier rank 0
+DCP's FileSystemWriter and FileSystemReader carry the bytes, and dcp.async_save the async saves. Ours adds the
+safe load (safe_load.py), the manifest (meta.json: sizes and xxh3 checksums of every file, integrity.py) and
+the commit protocol: every rank writes its shards into a hidden temporary directory; after a barrier rank 0
 writes meta.json, renames the directory to its final name and then atomically replaces the `latest` file.
 A process killed at any moment leaves the previous `latest` intact; temporary directories are ignored,
 reported and cleaned at the next start.
+
+Async saves: DCP's DefaultStager copies the state aside on a thread of its own (into pinned buffers on a
+GPU, on a stream of its own), into buffers it keeps from one save to the next, while the training step goes
+on; only the next change of the weights or optimizer state waits for the copy (wait_staged). DCP's thread then
+writes the copy, and a thread of ours hashes this rank's shards once they are written.
 """
 
 from __future__ import annotations
@@ -18,8 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -27,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
-from torch.utils._pytree import tree_leaves
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from bigscience_train.checkpoint.integrity import (
     CheckpointIntegrityError,
@@ -35,14 +45,11 @@ from bigscience_train.checkpoint.integrity import (
     file_record,
     problems,
     share,
+    writer_rank,
 )
 from bigscience_train.checkpoint.paths import LATEST, committed_steps, latest_checkpoint, step_dir_name
-from bigscience_train.checkpoint.reader import single_process_dcp
-from bigscience_train.checkpoint.safe_load import SafeLoadPlanner
-from bigscience_train.checkpoint.shard_writer import SHARD_SUFFIX, ShardWriter
-from bigscience_train.checkpoint.streaming_reader import StreamingReader, collector_paused
+from bigscience_train.checkpoint.safe_load import SafeReader, safe_dcp_load
 from bigscience_train.fsutil import atomic_write_text
-from bigscience_train.parallel.tensor import local_tensor
 
 TMP_PREFIX = ".tmp_"
 
@@ -93,20 +100,6 @@ def steps_to_delete(steps: list[int], keep_last: int | None, keep_every: int | N
     return [s for s in steps if s not in keep]
 
 
-@dataclass
-class _PendingSave:
-    """A save whose shards are still being written (async), committed by `finish()`."""
-
-    future: Future | None
-    # Done once the state is copied aside (async): the weights and optimizer state may change from then on.
-    staged: Future | None
-    tmp: Path
-    final: Path
-    meta: dict
-    start: float
-    writer: ShardWriter
-
-
 # Optimizer state and param-group settings keyed by parameter name ("state.<name>.exp_avg",
 # "param_groups.<name>.lr"): a pipeline stage finds its own parameters' entries, whatever layout saved them.
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -126,42 +119,51 @@ def rename_optim_state(optim_sd: dict, aliases: dict[str, str]) -> dict:
     return renamed
 
 
-class BackgroundStager:
-    """Copies the state aside on a background thread into buffers kept from one async save to the next (pinned
-    where there is CUDA), then writes the copy there: the training step goes on meanwhile, and only the next
-    change of the weights or optimizer state waits for the copy (CheckpointManager.wait_staged). After the
-    first save a copy is a plain copy, without allocating and faulting in gigabytes each time; `allocate` does
-    that before the first save, in the background too. On a GPU the copy runs on the device's default stream,
-    in order with the training kernels."""
+class SingleProcess:
+    """What CheckpointManager asks of the parallel environment, for one process outside a job."""
 
-    def __init__(self):
-        self._cache: dict | None = None
-        self.allocated = False  # buffers allocated, or their allocation queued
-        # One thread: the allocation, then each save's copy and its write, in the order of the saves.
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+    rank, world_size, is_rank0 = 0, 1, True
 
-    def allocate(self, state_dict: dict) -> Future:
-        """Allocates buffers for a state dict of `state_dict`'s layout and touches every page of them."""
-        self.allocated = True
-        return self._thread.submit(self._allocate, state_dict)
+    def barrier(self) -> None:
+        pass
 
-    def _allocate(self, state_dict: dict) -> None:
-        self._cache = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
-        for leaf in tree_leaves(self._cache):
-            if isinstance(leaf, torch.Tensor):
-                local_tensor(leaf).zero_()
+    def all_gather_object(self, obj) -> list:
+        return [obj]
 
-    def _copy(self, state_dict: dict) -> dict:
-        if self._cache is None:
-            self._allocate(state_dict)
-        return _copy_state_dict(state_dict, self._cache)
 
-    def save(self, state_dict: dict, write) -> tuple[Future, Future]:
-        """(the copy's future, the future of `write` called with the copy)."""
-        self.allocated = True  # by the copy, if not before
-        staged = self._thread.submit(self._copy, state_dict)
-        written = self._thread.submit(lambda: write(staged.result()))
-        return staged, written
+@dataclass
+class _PendingSave:
+    """A save whose shards may still be being written (async), committed by `finish()`."""
+
+    tmp: Path
+    final: Path
+    meta: dict
+    start: float
+    # Async: done once the state is copied aside (the weights and optimizer state may change from then on),
+    # and the checksums of this rank's shards, once they are written.
+    staged: Future | None = None
+    hashed: Future | None = None
+
+
+def staging_options() -> StagingOptions:
+    """Async saves copy the state on a thread of their own, into pinned memory with an accelerator."""
+    accelerated = torch.accelerator.is_available()
+    return StagingOptions(
+        use_pinned_memory=accelerated,
+        use_shared_memory=False,
+        use_async_staging=True,
+        use_non_blocking_copy=accelerated,
+    )
+
+
+def own_checksums(tmp: Path, rank: int) -> dict[str, str]:
+    """Checksums of the shard files this rank wrote, read back while they are likely still in its page cache."""
+    return checksums(tmp, [p.name for p in tmp.iterdir() if writer_rank(p.name) == rank])
+
+
+def _hash_when_written(written: Future, tmp: Path, rank: int) -> dict[str, str]:
+    written.result()
+    return own_checksums(tmp, rank)
 
 
 class CheckpointManager:
@@ -183,7 +185,8 @@ class CheckpointManager:
         # Parameter names whose optimizer state is stored under another name (a pipeline's tied copy).
         self.optim_aliases = optim_aliases or {}
         self._pending: _PendingSave | None = None
-        self._stager = BackgroundStager() if async_save else None
+        self._stager: DefaultStager | None = None
+        self._hashing: ThreadPoolExecutor | None = None
         self._background_group = None
 
     def latest(self) -> Path | None:
@@ -199,9 +202,9 @@ class CheckpointManager:
         return stale
 
     def save(self, model, optimizer, state: TrainState, config_yaml: str, metadata: dict) -> Path:
-        """Writes RUN/checkpoints/step_N/. Synchronous: committed on return. Async: returns once the state is
-        copied aside (training may change it then); the shards are written in the background and the step is
-        committed by the next save or by finish()."""
+        """Writes RUN/checkpoints/step_N/. Synchronous: committed on return. Async: returns at once; the state
+        is copied aside and written in the background, wait_staged() returns once the copy is done, and the
+        step is committed by the next save or by finish()."""
         self.finish()
         name = step_dir_name(state.step)
         final, tmp = self.root / name, self.root / f"{TMP_PREFIX}{name}"
@@ -210,20 +213,18 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.penv.barrier()
+        pending = _PendingSave(tmp, final, {**metadata, **asdict(state)}, start)
         state_dict = self._state_dict(model, optimizer)
-        future = None
-        writer = ShardWriter(tmp, thread_count=self.write_threads)
-        staged = None
+        writer = FileSystemWriter(tmp, thread_count=self.write_threads)
         if self.async_save:
-            group = self._async_group()
-            staged, future = self._stager.save(state_dict, lambda copy: self._write(copy, writer, group))
+            pending.staged, pending.hashed = self._save_async(state_dict, writer, tmp)
         else:
-            self._write(state_dict, writer)
+            dcp.save(state_dict, storage_writer=writer, no_dist=self.penv.world_size == 1)
         torch.save({"rng": rng_state()}, tmp / f"rank_{self.penv.rank:05d}.pt")
         if self.penv.is_rank0:
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=2))
-        self._pending = _PendingSave(future, staged, tmp, final, {**metadata, **asdict(state)}, start, writer)
+        self._pending = pending
         if not self.async_save:
             self.finish()
         return final
@@ -232,13 +233,24 @@ class CheckpointManager:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
         return {"model": model_sd, "optim": rename_optim_state(optim_sd, self.optim_aliases)}
 
-    def prepare(self, model, optimizer) -> Future | None:
-        """Async saves: allocates the buffers of the state's copy in the background, once, so that the first save
-        waits no longer than the next ones. Call it when the optimizer state exists (after an optimizer step).
-        The allocation's future, or None if there is nothing to allocate."""
-        if self._stager is None or self._stager.allocated:
-            return None
-        return self._stager.allocate(self._state_dict(model, optimizer))
+    def _save_async(self, state_dict: dict, writer: FileSystemWriter, tmp: Path) -> tuple[Future, Future]:
+        """(the copy's future, the future of this rank's shard checksums once written)."""
+        if self._stager is None:
+            self._stager = DefaultStager(staging_options())
+            self._hashing = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash")
+        if torch.accelerator.is_available():
+            # The copy runs on a stream of its own: the kernels of the last optimizer step must be done.
+            torch.accelerator.synchronize()
+        response = dcp.async_save(
+            state_dict,
+            storage_writer=writer,
+            process_group=self._async_group(),
+            async_checkpointer_type=AsyncCheckpointerType.THREAD,
+            async_stager=self._stager,
+            no_dist=self.penv.world_size == 1,
+        )
+        hashed = self._hashing.submit(_hash_when_written, response.upload_completion, tmp, self.penv.rank)
+        return response.staging_completion, hashed
 
     def wait_staged(self) -> None:
         """Returns once the last async save has copied the state aside: call it before changing the weights or
@@ -247,27 +259,14 @@ class CheckpointManager:
             self._pending.staged.result()
 
     def _async_group(self):
-        """The group background writes coordinate over: gloo, apart from the training collectives (one group
-        used from two threads at once is unsafe), also on GPUs, whose default group is NCCL; none for one process,
-        which exchanges nothing."""
-        if self.penv.world_size == 1:
+        """The gloo group background writes coordinate over, apart from the training collectives (one group
+        used from two threads at once is unsafe): dcp.async_save asks for a CPU backend, also of one process
+        on a GPU, whose default group is NCCL. None where torch.distributed is not initialized."""
+        if not dist.is_initialized():
             return None
         if self._background_group is None:
-            import torch.distributed as dist
-
             self._background_group = dist.new_group(backend="gloo")
         return self._background_group
-
-    def _write(self, state_dict: dict, writer: ShardWriter, process_group=None) -> None:
-        # One process exchanges no plans: DCP's gather and scatter of them would still pickle every item (0.05-0.08 s
-        # of a 1.1 GB save).
-        with single_process_dcp():
-            dcp.save(
-                state_dict,
-                storage_writer=writer,
-                process_group=process_group,
-                no_dist=self.penv.world_size == 1,
-            )
 
     def finish(self) -> Path | None:
         """Waits for a save still being written and commits it: checksums, meta.json, rename, `latest`,
@@ -275,26 +274,20 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        if pending.future is not None:
-            pending.future.result()
-        tmp = pending.tmp
+        rank, world, tmp = self.penv.rank, self.penv.world_size, pending.tmp
+        own = pending.hashed.result() if pending.hashed is not None else own_checksums(tmp, rank)
         self.penv.barrier()
         names = [p.name for p in tmp.iterdir() if p.is_file()]
-        # Each rank's shard files were hashed as its writer wrote them (those it could not are read back here);
-        # the other files are shared out.
-        written = pending.writer.checksums
-        others = [n for n in names if not n.endswith(SHARD_SUFFIX)]
-        unhashed = [n for n, c in written.items() if c is None] + share(
-            others, self.penv.rank, self.penv.world_size
-        )
-        mine = {**{n: c for n, c in written.items() if c is not None}, **checksums(tmp, unhashed)}
+        # Each rank hashed the shards it wrote; the files whose writer the name does not tell are shared out.
+        others = share([n for n in names if writer_rank(n) is None], rank, world)
+        mine = {**own, **checksums(tmp, others)}
         hashed = {k: v for part in self.penv.all_gather_object(mine) for k, v in part.items()}
         if self.penv.is_rank0:
             meta = {
                 **pending.meta,
                 **file_record(tmp, names, hashed),
                 "save_seconds": time.perf_counter() - pending.start,
-                "async": pending.future is not None,
+                "async": pending.hashed is not None,
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             if pending.final.exists():
@@ -306,39 +299,26 @@ class CheckpointManager:
         self.penv.barrier()
         return pending.final
 
-    def verify(self, path: Path, hash_files: bool = True, hashed: dict[str, str] | None = None) -> None:
-        """Sizes of every file and (hash_files) checksums: those `hashed` by any rank as they are, this rank's
-        share of the others from disk; every rank raises the same error."""
-        if hashed is not None:
-            hashed = {k: v for part in self.penv.all_gather_object(hashed) for k, v in part.items()}
-        found = problems(path, self.penv.rank, self.penv.world_size, hash_files, hashed)
+    def verify(self, path: Path, hash_files: bool = True) -> None:
+        """Sizes of every file and (hash_files) checksums, each rank hashing its share of the files; every rank
+        raises the same error."""
+        found = problems(path, self.penv.rank, self.penv.world_size, hash_files)
         every = sorted({p for part in self.penv.all_gather_object(found) for p in part})
         if every:
             raise CheckpointIntegrityError(path, every)
 
     def _read(self, path: Path, to_load: dict) -> None:
-        """DCP load of `to_load` in place, between two checks: sizes before (a truncated shard must not reach
-        DCP), checksums after: the reader hashes the files it reads whole as they go by, and the rest are
-        hashed from disk. A damaged file raises before training can use anything read from it, also when DCP
-        itself failed on it."""
+        """Safe DCP load of `to_load` in place, between two checks: sizes before (a truncated shard must not
+        reach DCP), checksums after, read from disk. A damaged file raises before training can use anything
+        read from it, also when DCP itself failed on it."""
         self.verify(path, hash_files=False)
-        reader = StreamingReader(path)
-        # One process has no plans to exchange: DCP's gather and scatter of them still pickle every item
-        # (0.05 s, up to 0.2 s on a process's first load while the reads contend for the cores).
         try:
-            with single_process_dcp():
-                dcp.load(
-                    to_load,
-                    storage_reader=reader,
-                    planner=SafeLoadPlanner(),
-                    no_dist=self.penv.world_size == 1,
-                )
-        except BaseException:
+            safe_dcp_load(to_load, SafeReader(path), no_dist=self.penv.world_size == 1)
+        except (Exception, CheckpointException):
             self.verify(path)
             raise
-        self.verify(path, hashed=reader.checksums)
+        self.verify(path)
 
-    @collector_paused()
     def load(self, path: Path, model, optimizer) -> TrainState:
         """Everything: weights, optimizer, RNG and train state, resharded to this process's layout."""
         self.wait_staged()
@@ -355,11 +335,9 @@ class CheckpointManager:
             set_rng_state(torch.load(rank_file, weights_only=True)["rng"])
         return TrainState(**json.loads((path / "train_state.json").read_text()))
 
-    @collector_paused()
     def load_weights(self, path: Path, model) -> None:
         """The model's weights alone (fine-tuning, evaluation), resharded to the model's layout."""
         self.wait_staged()
-        model_sd = get_model_state_dict(model)
-        to_load = {"model": model_sd}
+        to_load = {"model": get_model_state_dict(model)}
         self._read(path, to_load)
         set_model_state_dict(model, to_load["model"])

@@ -28,7 +28,6 @@ from bigscience_train.checkpoint.dcp import TrainState
 from bigscience_train.checkpoint.hf_export import TIED_OUTPUT
 from bigscience_train.checkpoint.integrity import checksums, file_record
 from bigscience_train.checkpoint.paths import LATEST, step_dir_name
-from bigscience_train.checkpoint.reader import single_process_dcp
 from bigscience_train.config import load_config, to_yaml
 from bigscience_train.fsutil import atomic_write_text, temporary_sibling
 
@@ -138,13 +137,12 @@ def import_hf(hf_dir: str | Path, out: str | Path, seq_length: int = 2048) -> Pa
     step.mkdir(parents=True)
     try:
         start = time.perf_counter()
-        with single_process_dcp():
-            dcp.save(
-                {"model": placeholders},
-                storage_writer=FileSystemWriter(str(step), thread_count=1),
-                planner=_StreamingSavePlanner(loaders),
-                no_dist=True,
-            )
+        dcp.save(
+            {"model": placeholders},
+            storage_writer=FileSystemWriter(str(step), thread_count=1),
+            planner=_StreamingSavePlanner(loaders),
+            no_dist=True,
+        )
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         (step / "config.yaml").write_text(to_yaml(cfg))

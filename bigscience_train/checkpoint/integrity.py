@@ -1,18 +1,21 @@
-"""Sizes and checksums of a checkpoint's files, recorded in meta.json at save and checked before a load.
+"""Sizes and checksums of a checkpoint's files, recorded in meta.json at save and checked at load.
 
-Checksums are xxh3-64 (several GB/s): each rank hashes every world-th file, so a checkpoint of thousands of
-shards is hashed by the whole job, not by rank 0 alone. A file of the wrong size or checksum is an error that
-names it.
+Checksums are xxh3-64, each file read through one open in large reads. The work is shared out over the ranks:
+at save each rank hashes the shard files it wrote (DCP names them `__<rank>_<n>.distcp`), where the bytes
+are most likely still in its page cache, and every world-th of the others; at load every world-th file. A file
+of the wrong size or checksum is an error that names it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import xxhash
 
-from bigscience_train.checkpoint.file_reads import file_pieces
+READ_BYTES = 16 << 20
+_SHARD_NAME = re.compile(r"__(\d+)_\d+\.distcp")
 
 
 class CheckpointIntegrityError(ValueError):
@@ -20,16 +23,19 @@ class CheckpointIntegrityError(ValueError):
         super().__init__(f"checkpoint {directory} is damaged:\n  " + "\n  ".join(found))
 
 
-def new_digest():
-    """The checksum meta.json records, to be fed a file's bytes in order."""
-    return xxhash.xxh3_64()
-
-
 def file_checksum(path: Path) -> str:
-    digest = new_digest()
-    for piece in file_pieces(path):
-        digest.update(piece)
+    digest = xxhash.xxh3_64()
+    buffer = memoryview(bytearray(READ_BYTES))
+    with open(path, "rb", buffering=0) as file:
+        while read := file.readinto(buffer):
+            digest.update(buffer[:read])
     return digest.hexdigest()
+
+
+def writer_rank(name: str) -> int | None:
+    """The rank that wrote a file, where DCP's name for it tells."""
+    found = _SHARD_NAME.fullmatch(name)
+    return int(found.group(1)) if found else None
 
 
 def share(names: list[str], rank: int, world: int) -> list[str]:
@@ -48,17 +54,10 @@ def file_record(directory: Path, names: list[str], hashed: dict[str, str]) -> di
     }
 
 
-def problems(
-    directory: Path,
-    rank: int = 0,
-    world: int = 1,
-    hash_files: bool = True,
-    hashed: dict[str, str] | None = None,
-) -> list[str]:
-    """What is wrong with the files meta.json lists: every size here, and (hash_files) their checksums: those
-    in `hashed` (computed while the files were read) as they are, this rank's share of the others from disk."""
-    meta_path = directory / "meta.json"
-    meta = json.loads(meta_path.read_text())
+def problems(directory: Path, rank: int = 0, world: int = 1, hash_files: bool = True) -> list[str]:
+    """What is wrong with the files meta.json lists: every size, and (hash_files) this rank's share of the
+    checksums."""
+    meta = json.loads((directory / "meta.json").read_text())
     found = []
     for name, size in meta.get("shards", {}).items():
         path = directory / name
@@ -67,10 +66,8 @@ def problems(
         elif path.stat().st_size != size:
             found.append(f"{path}: {path.stat().st_size:,} bytes, meta.json records {size:,}")
     recorded = meta.get("checksums", {}) if hash_files else {}
-    hashed = hashed or {}
-    unhashed = [n for n in recorded if n not in hashed and (directory / n).is_file()]
-    actual = {**checksums(directory, share(unhashed, rank, world)), **hashed}
-    for name in sorted(actual.keys() & recorded.keys()):
-        if actual[name] != recorded[name]:
-            found.append(f"{directory / name}: checksum {actual[name]}, meta.json records {recorded[name]}")
+    present = [name for name in recorded if (directory / name).is_file()]
+    for name, actual in checksums(directory, share(present, rank, world)).items():
+        if actual != recorded[name]:
+            found.append(f"{directory / name}: checksum {actual}, meta.json records {recorded[name]}")
     return found

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from bigscience_train.checkpoint.paths import latest_checkpoint
-from bigscience_train.checkpoint.safe_load import SafeLoadPlanner
-from bigscience_train.checkpoint.streaming_reader import StreamingReader
+from bigscience_train.checkpoint.safe_load import SafeReader, safe_dcp_load
 
 MODEL_PREFIX = "model."
 
@@ -37,36 +33,25 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
-def model_tensors_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
-    """Model tensor names (HF Bloom names, without the 'model.' prefix) and their global shape and dtype."""
-    metadata = StreamingReader(path).read_metadata()
+def _model_tensors(reader: SafeReader) -> dict[str, TensorStorageMetadata]:
     return {
         key[len(MODEL_PREFIX) :]: value
-        for key, value in metadata.state_dict_metadata.items()
+        for key, value in reader.read_metadata().state_dict_metadata.items()
         if key.startswith(MODEL_PREFIX) and isinstance(value, TensorStorageMetadata)
     }
 
 
+def model_tensors_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
+    """Model tensor names (HF Bloom names, without the 'model.' prefix) and their global shape and dtype."""
+    return _model_tensors(SafeReader(path))
+
+
 def iter_model_tensors(path: Path, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Full (unsharded) model tensors, one at a time: memory holds one tensor, whatever the model's size."""
-    tensors = model_tensors_metadata(path)
+    reader = SafeReader(path)
+    tensors = _model_tensors(reader)
     for name in names if names is not None else list(tensors):
         meta = tensors[name]
         tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
-        with single_process_dcp():
-            dcp.load(
-                {MODEL_PREFIX + name: tensor},
-                storage_reader=StreamingReader(path),
-                planner=SafeLoadPlanner(),
-                no_dist=True,
-            )
+        safe_dcp_load({MODEL_PREFIX + name: tensor}, reader, no_dist=True)
         yield name, tensor
-
-
-@contextlib.contextmanager
-def single_process_dcp() -> Iterator[None]:
-    """DCP with no_dist=True warns that torch.distributed is off: that is what we ask for (one process reading or
-    writing a whole checkpoint)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield

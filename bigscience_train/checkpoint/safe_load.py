@@ -1,39 +1,60 @@
 """Loading a DCP checkpoint without running code from it.
 
-A checkpoint is a file anyone may hand over, and DCP unpickles two things from it with Python's unrestricted
-unpickler, which runs whatever code a file carries: the `.metadata` file, and the items that are not tensors
-(the optimizer's per-parameter settings, anything else in a state dict). Ours unpickle the metadata with only
-DCP's own metadata classes, and the items with only plain values and tensors (`saved_object`, which leaves
-anything else to torch.load's weights_only=True).
+A checkpoint is a file anyone may hand over, and stock DCP unpickles two things from it with Python's
+unrestricted unpickler, which runs whatever code a file carries: the `.metadata` file (FileSystemReader's
+read_metadata) and the items that are not tensors (DefaultLoadPlanner's load_bytes: the optimizer's
+per-parameter settings, anything else in a state dict). Ours unpickle the metadata with only DCP's own
+metadata classes, and the items with torch.load(weights_only=True). The tensors need nothing of ours: stock
+FileSystemReader.read_data already loads them with torch.load(weights_only=True). A file that needs any other
+global is refused with an UnsafeCheckpointError that names the file and the global.
+
+One process loads and saves with DCP's no_dist, whose warning that torch.distributed is off is silenced here:
+that is what we ask for.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import importlib
 import io
 import pathlib
 import pickle
-from typing import BinaryIO
+import re
+import warnings
+from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import DefaultLoadPlanner
-from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.metadata import Metadata
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.serialization import _get_layout
 
-from bigscience_train.checkpoint.saved_object import saved_object
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
-# Modules whose own classes a .metadata file is made of (plain dataclasses and enums).
+METADATA_FILE = ".metadata"
+# Modules whose own dataclasses and enums a .metadata file is made of.
 _METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 _PATHS = ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")
+# How torch.load(weights_only=True) names the global it refused.
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file that needs a global outside the allow-list."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if module in _METADATA_MODULES:
             found = getattr(importlib.import_module(module), name, None)
-            if isinstance(found, type) and found.__module__ == module:
+            if (
+                isinstance(found, type)
+                and found.__module__ == module
+                and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum))
+            ):
                 return found
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
@@ -41,20 +62,71 @@ class _MetadataUnpickler(pickle.Unpickler):
             return _get_layout
         if module == "pathlib" and name in _PATHS:
             return getattr(pathlib, name)
-        raise pickle.UnpicklingError(f"refused {module}.{name}: not a part of DCP metadata")
+        raise UnsafeCheckpointError(f"{module}.{name}")
 
 
-def load_metadata(file: BinaryIO) -> Metadata:
-    metadata = _MetadataUnpickler(file).load()
-    if not isinstance(metadata, Metadata):
-        raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not DCP metadata")
-    return metadata
+class SafeReader(FileSystemReader):
+    """Stock FileSystemReader whose metadata is unpickled with the allow-list, read once per reader (one
+    checkpoint directory): the loads of iter_model_tensors share it."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self._metadata: Metadata | None = None
+
+    def read_metadata(self) -> Metadata:
+        if self._metadata is None:
+            path = Path(self.path) / METADATA_FILE
+            with open(path, "rb") as file:
+                try:
+                    metadata = _MetadataUnpickler(file).load()
+                except UnsafeCheckpointError as error:
+                    raise UnsafeCheckpointError(f"{path}: refused: it needs {error}") from None
+            if not isinstance(metadata, Metadata):
+                raise UnsafeCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP metadata")
+            if metadata.storage_meta is None:
+                metadata.storage_meta = StorageMeta()
+            self._metadata = metadata
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
+    """Non-tensor items through torch.load(weights_only=True); `directory` names the refused file."""
+
+    def __init__(self, directory: str | Path):
+        super().__init__()
+        self.directory = Path(directory)
+
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        loaded = saved_object(torch.frombuffer(value.getbuffer(), dtype=torch.uint8))
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = loaded
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as error:
+            found = _REFUSED_GLOBAL.search(str(error))
+            needs = found.group(1) if found else str(error)
+            stored = self.metadata.storage_data[read_item.storage_index]
+            raise UnsafeCheckpointError(
+                f"{self.directory / stored.relative_path}: item {read_item.storage_index.fqn} refused: "
+                f"it needs {needs}"
+            ) from None
+        fqn = read_item.dest_index.fqn
+        if not self.flatten_state_dict:
+            self.state_dict[fqn] = loaded
+            return
+        *parents, last = self.mappings[fqn]
+        container = self.original_state_dict
+        for key in parents:
+            container = container[key]
+        container[last] = loaded
+
+
+def safe_dcp_load(state_dict: dict, reader: SafeReader, no_dist: bool) -> None:
+    """dcp.load of `state_dict` in place. The metadata is read before DCP starts and a refused item is raised
+    as itself, not inside DCP's CheckpointException: every rank raises the same error."""
+    reader.read_metadata()
+    try:
+        dcp.load(state_dict, storage_reader=reader, planner=SafeLoadPlanner(reader.path), no_dist=no_dist)
+    except CheckpointException as error:
+        for failure, _ in error.failures.values():
+            if isinstance(failure, UnsafeCheckpointError):
+                raise failure from None
+        raise

@@ -8,9 +8,9 @@ from bigscience_train.config.validate import (
     config_problems,
     data_parallel_size,
     padded_vocab_size,
-    parse_blend,
     validate,
 )
+from bigscience_train.data.blend import parse_blend
 
 __all__ = [
     "ConfigError",

@@ -1,4 +1,5 @@
-"""Composes the Hydra config tree in configs/ onto the structured schema."""
+"""Composes the Hydra config tree packaged in bigscience_train/configs/ onto the structured schema, with a
+user's own config directory ($BIGSCIENCE_CONFIG_DIR) searched first."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import os
 from dataclasses import is_dataclass
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
+from hydra.core.config_search_path import ConfigSearchPath, SearchPathQuery
+from hydra.core.plugins import Plugins
 from hydra.errors import HydraException
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -15,17 +19,32 @@ from bigscience_train.config.schema import RunConfig
 from bigscience_train.config.store import register
 
 PRIMARY_CONFIG = "config"
+CONFIG_PACKAGE = "bigscience_train.configs"
+USER_CONFIG_ENV = "BIGSCIENCE_CONFIG_DIR"
 
 
-def config_dir() -> Path:
-    """configs/ of this checkout, or $BIGSCIENCE_CONFIG_DIR."""
-    override = os.environ.get("BIGSCIENCE_CONFIG_DIR")
-    path = Path(override) if override else Path(__file__).resolve().parents[2] / "configs"
-    if not (path / f"{PRIMARY_CONFIG}.yaml").is_file():
-        raise FileNotFoundError(
-            f"no {PRIMARY_CONFIG}.yaml in config directory {path} (set BIGSCIENCE_CONFIG_DIR)"
-        )
+def user_config_dir() -> Path | None:
+    """$BIGSCIENCE_CONFIG_DIR, whose files (model/my_model.yaml, cluster/slurm.yaml, ...) add to or replace
+    the packaged ones; None when unset."""
+    value = os.environ.get(USER_CONFIG_ENV)
+    if not value:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{USER_CONFIG_ENV}={value} is not a directory")
     return path
+
+
+class UserConfigDir(SearchPathPlugin):
+    """Puts the user's config directory just before the packaged tree: Hydra takes each config (the primary
+    one included) from the first directory of its search path that has it."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        packaged = f"pkg://{CONFIG_PACKAGE}"
+        user = user_config_dir()
+        # Registered for the whole process: other Hydra apps' search paths are left alone.
+        if user is not None and any(e.path == packaged for e in search_path.get_path()):
+            search_path.prepend("bigscience-user", f"file://{user}", anchor=SearchPathQuery(path=packaged))
 
 
 class OverrideError(ValueError):
@@ -35,8 +54,10 @@ class OverrideError(ValueError):
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The resolved, typed config for these Hydra overrides (e.g. ["model=gpt_350m", "parallel.tp=2"])."""
     register()
+    user_config_dir()  # a bad $BIGSCIENCE_CONFIG_DIR is a FileNotFoundError here, not a Hydra traceback
+    Plugins.instance().register(UserConfigDir)
     try:
-        with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        with initialize_config_module(version_base="1.3", config_module=CONFIG_PACKAGE):
             cfg = compose(PRIMARY_CONFIG, overrides=list(overrides))
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as e:

@@ -1,4 +1,4 @@
-"""Typed structured config of a run. Hydra's YAML tree in configs/ fills these dataclasses.
+"""Typed structured config of a run. Hydra's YAML tree in bigscience_train/configs/ fills these dataclasses.
 
 Every field is declared here, so an override of an unknown key (a typo) is an error, and every value is
 type-checked by OmegaConf when the config is composed. Cross-field rules live in `validate.py`.
@@ -11,16 +11,7 @@ from enum import Enum
 
 from omegaconf import MISSING
 
-
-class Position(str, Enum):
-    alibi = "alibi"
-    learned = "learned"
-    rotary = "rotary"
-
-
-class Attention(str, Enum):
-    sdpa = "sdpa"
-    flex = "flex"
+from bigscience_train.model.shape import GPTShape
 
 
 class Dtype(str, Enum):
@@ -52,27 +43,18 @@ class Recompute(str, Enum):
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(GPTShape):
+    """The architecture (every field of the model's GPTShape), a preset name, and the vocabulary padding: the
+    embedding is padded to a multiple of make_vocab_size_divisible_by * tp, as Megatron does, so each TP rank
+    holds an equal slice."""
+
     name: str = MISSING
-    num_layers: int = MISSING
-    hidden_size: int = MISSING
-    num_heads: int = MISSING
-    seq_length: int = MISSING
-    # Vocabulary of the tokenizer; the embedding is padded to a multiple of
-    # make_vocab_size_divisible_by * tp, as Megatron does, so each TP rank holds an equal slice.
-    vocab_size: int = 50257
     make_vocab_size_divisible_by: int = 128
-    position: Position = Position.alibi
-    embedding_layernorm: bool = True
-    tie_embeddings: bool = True
-    layernorm_epsilon: float = 1e-5
-    init_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    rotary_base: float = 10000.0
-    # sdpa: torch's scaled_dot_product_attention, any device. flex: FlexAttention, compiled, with ALiBi computed
-    # in the kernel and masked blocks skipped (faster on GPUs; no CPU backward, no attention dropout).
-    attention: Attention = Attention.sdpa
+
+    @classmethod
+    def unset(cls) -> ModelConfig:
+        """The section before a preset fills it: the shape's required fields missing."""
+        return cls(num_layers=MISSING, hidden_size=MISSING, num_heads=MISSING, seq_length=MISSING)
 
 
 @dataclass
@@ -152,9 +134,6 @@ class TrainConfig:
     # torch.compile each transformer block (fuses the elementwise work between matmuls; the first steps
     # pay the compilation).
     compile: bool = False
-    # Denormal floats computed as zero on the CPU threads (x86 FTZ/DAZ): ALiBi attention's softmax makes many,
-    # and a CPU computes on them many times slower (bigscience_train/train/denormals.py).
-    flush_denormals: bool = True
     # The output layer and cross-entropy in one pass over chunks of tokens (model/output_loss.py): whole logits
     # never exist. Not with tensor parallelism (its vocab-parallel loss) or a pipeline (its last stage's loss
     # takes logits), which take the unfused path.
@@ -186,8 +165,8 @@ class CheckpointConfig:
     # Write shards in the background while training continues (`async` is a Python keyword); the step that
     # starts the next save, or the end of the run, waits for it and commits it.
     async_save: bool = False
-    # Threads (and files) each rank writes its shards with: one thread copied 1.1 GB into the page cache at
-    # 670 MB/s on a 2-core VM whose disk took 1,330 MB/s, two at 1,000 MB/s.
+    # Threads (one file each) that write each rank's shards through DCP's FileSystemWriter: a second one
+    # serializes while the first waits on the disk.
     write_threads: int = 2
 
 
@@ -291,7 +270,7 @@ class EvalConfig:
 class RunConfig:
     name: str = "run"
     run_dir: str = "runs/${name}"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig.unset)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,4 +1,4 @@
-"""Registers the structured schema with Hydra, so every YAML in configs/ is merged onto typed dataclasses."""
+"""Registers the structured schema with Hydra: every YAML of the config tree merges onto its dataclasses."""
 
 from hydra.core.config_store import ConfigStore
 

@@ -6,10 +6,12 @@ All problems are collected and raised together, each naming the fields and value
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 from bigscience_train.config.schema import PIPELINE_SCHEDULES, RunConfig
-from bigscience_train.train.stop import signal_number
+from bigscience_train.data.blend import parse_blend
+from bigscience_train.data.sampling import micro_batches_per_step
 
 PROGRESS_MODES = ("auto", "bar", "plain")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -24,6 +26,15 @@ class ConfigError(ValueError):
         super().__init__(f"invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")
 
 
+def signal_number(name: str) -> signal.Signals:
+    """`SIGUSR1` or `USR1` as a signal; a ValueError naming the value otherwise."""
+    full = name if name.startswith("SIG") else f"SIG{name}"
+    number = getattr(signal, full, None)
+    if not isinstance(number, signal.Signals):
+        raise ValueError(f"train.stop_signal={name!r} is not a signal name (e.g. SIGUSR1)")
+    return number
+
+
 def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
     """parallel.dp when set, else what the world size leaves after tp and pp."""
     if cfg.parallel.dp is not None:
@@ -34,22 +45,6 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
 def cluster_world_size(cluster) -> int:
     """Ranks of a job on the cluster preset: nodes x ranks per node."""
     return cluster.nodes * cluster.procs_per_node
-
-
-def parse_blend(blend: list[str]) -> tuple[list[str], list[float] | None]:
-    """Megatron's blend syntax: [prefix] or [weight, prefix, weight, prefix, ...]."""
-    if len(blend) == 1:
-        return [str(blend[0])], None
-    if len(blend) % 2:
-        raise ValueError(f"data.blend has {len(blend)} entries; expected [prefix] or weight/prefix pairs")
-    weights, prefixes = [], []
-    for i in range(0, len(blend), 2):
-        try:
-            weights.append(float(blend[i]))
-        except ValueError:
-            raise ValueError(f"data.blend[{i}]={blend[i]!r} is not a weight (a number)") from None
-        prefixes.append(str(blend[i + 1]))
-    return prefixes, weights
 
 
 def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
@@ -202,7 +197,7 @@ def pipeline_problems(par, sizes: list[int], step: int) -> list[str]:
     """torch.distributed.pipelining's rules on the micro-batches of each step (batch / (micro batch x dp))."""
     problems = []
     for size in sizes:
-        micro = size // step
+        micro = micro_batches_per_step(size, step, 1)
         if par.pp_schedule == "1f1b" and micro < par.pp:
             problems.append(
                 f"batch size {size} gives {micro} micro-batches (micro batch x dp = {step}): "

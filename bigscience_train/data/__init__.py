@@ -1,1 +1,1 @@
-"""Training data: tokenizer, megatron-core indexed datasets, blended GPT samples, resumable sampling."""
+"""Training data: tokenizer, .bin/.idx datasets, blended GPT samples, resumable sampling."""

@@ -10,7 +10,9 @@ import logging
 import warnings
 from dataclasses import dataclass
 
-from bigscience_train.config.validate import parse_blend
+import torch
+
+from bigscience_train.data.blend import parse_blend
 from bigscience_train.data.indexed import open_indexed
 from bigscience_train.data.tokenizer import Tokenizer
 
@@ -68,3 +70,9 @@ def _check_split_documents(split_matrix, documents: dict[str, int], sizes, split
                     f"data.split={split!r} leaves the {name} split of {prefix} without documents "
                     f"({n} documents in all); give that split a larger share or use more data"
                 )
+
+
+def collate(dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+    """GPTDataset samples stacked into a micro batch: tokens, labels and loss mask."""
+    samples = [dataset[i] for i in indices]
+    return {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}

@@ -1,4 +1,4 @@
-"""Which samples a data-parallel rank reads, as a pure function of consumed samples.
+"""Which samples a data-parallel rank reads, as a pure function of consumed samples (no torch).
 
 A global batch of B samples starting at `consumed` is cut into micro-batches of micro_batch x dp consecutive
 samples; rank r takes the r-th slice of each (Megatron's MegatronPretrainingSampler). A resumed run, or one
@@ -7,17 +7,20 @@ on another dp size, therefore reads exactly the samples an uninterrupted run wou
 
 from __future__ import annotations
 
-import torch
+
+def micro_batches_per_step(global_batch: int, micro_batch: int, dp: int) -> int:
+    """Micro batches each data-parallel rank runs per optimizer step: global batch / (micro batch x dp)."""
+    if global_batch % (micro_batch * dp):
+        raise ValueError(
+            f"global batch {global_batch} is not divisible by micro batch {micro_batch} x dp {dp}"
+        )
+    return global_batch // (micro_batch * dp)
 
 
 def micro_batch_indices(
     consumed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
 ) -> list[list[int]]:
     chunk = micro_batch * dp_size
-    if global_batch % chunk:
-        raise ValueError(
-            f"global batch {global_batch} is not divisible by micro batch {micro_batch} x dp {dp_size}"
-        )
     return [
         list(
             range(
@@ -25,10 +28,5 @@ def micro_batch_indices(
                 consumed + j * chunk + (dp_rank + 1) * micro_batch,
             )
         )
-        for j in range(global_batch // chunk)
+        for j in range(micro_batches_per_step(global_batch, micro_batch, dp_size))
     ]
-
-
-def collate(dataset, indices: list[int]) -> dict[str, torch.Tensor]:
-    samples = [dataset[i] for i in indices]
-    return {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}

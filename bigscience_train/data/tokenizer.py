@@ -1,4 +1,4 @@
-"""A Hugging Face tokenizer.json, with the ids Megatron's datasets ask of a tokenizer (eod, pad, vocab_size)."""
+"""A Hugging Face tokenizer.json, with what Megatron's datasets ask of a tokenizer (eod, pad, vocab_size)."""
 
 from __future__ import annotations
 

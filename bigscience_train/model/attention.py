@@ -1,9 +1,8 @@
-"""Causal self-attention kernels: PyTorch's SDPA, FlexAttention, or our CPU kernels.
+"""Causal self-attention kernels: PyTorch's SDPA or FlexAttention.
 
 sdpa: ALiBi enters as an additive (1, heads, seq, seq) bias, which keeps SDPA off its flash kernel (that one
 takes no bias): the fused kernels that take a bias compute every block of the score matrix, the masked half
-too. On CPU in fp32, the backend runs cpu_attention.py's kernels instead, which compute the bias themselves
-and skip the masked blocks.
+too.
 flex: ALiBi is a score modification computed inside the kernel in fp32, and the block mask skips the blocks
 above the diagonal. FlexAttention is compiled (Triton on GPUs); torch has no CPU backward for it, so it is for
 training on GPUs. All return (batch, heads, seq, head_dim).
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from bigscience_train.model import cpu_attention, positions
+from bigscience_train.model import positions
 
 
 @dataclass(frozen=True)
@@ -29,16 +28,8 @@ class FlexMask:
     alibi_slopes: torch.Tensor | None
 
 
-@dataclass(frozen=True)
-class CpuMask:
-    """What cpu_attention.py's kernels need: ALiBi slopes of this rank's heads, empty for no bias."""
-
-    alibi_slopes: torch.Tensor
-
-
-# What a block's attention takes: an additive bias (SDPA with ALiBi), None (SDPA, causal), a FlexMask or a
-# CpuMask.
-AttentionMask = torch.Tensor | FlexMask | CpuMask | None
+# What a block's attention takes: an additive bias (SDPA with ALiBi), None (SDPA, causal) or a FlexMask.
+AttentionMask = torch.Tensor | FlexMask | None
 
 
 def _causal(batch, head, q_idx, kv_idx):
@@ -55,15 +46,12 @@ def causal_mask(
     backend: str,
     alibi_slopes: torch.Tensor | None,
     seq_len: int,
-    head_dim: int,
     dtype: torch.dtype,
     device: torch.device,
 ) -> AttentionMask:
     """The mask every block of one forward shares. alibi_slopes: None for models without ALiBi."""
     if backend == "flex":
         return FlexMask(causal_block_mask(seq_len, device), alibi_slopes)
-    if device.type == "cpu" and dtype == torch.float32 and cpu_attention.available(head_dim):
-        return CpuMask(alibi_slopes if alibi_slopes is not None else torch.empty(0, dtype=torch.float32))
     if alibi_slopes is None:
         return None
     return positions.alibi_causal_bias(alibi_slopes, seq_len, dtype)
@@ -84,7 +72,7 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: FlexMask) -> 
 @functools.cache
 def _compiled_flex():
     """Eager flex_attention computes the whole score matrix in Python ops; compiled, it is one fused kernel.
-    Made on first use: torch.compile costs a second to set up."""
+    Made on first use, since setting up torch.compile is not free."""
     return torch.compile(_flex, dynamic=False)
 
 
@@ -102,14 +90,6 @@ def causal_attention(
         # Inside a compiled block, traced into the block's graph.
         flex = _flex if torch.compiler.is_compiling() else _compiled_flex()
         return flex(q, k, v, mask)
-    if isinstance(mask, CpuMask):
-        if not dropout:
-            if rope is not None:
-                qkv = torch.stack((q, k, v), dim=3).transpose(1, 2)
-            return cpu_attention.causal_attention(qkv, mask.alibi_slopes)
-        # The kernels have no dropout: SDPA, with the bias built for this call.
-        slopes = mask.alibi_slopes
-        mask = positions.alibi_causal_bias(slopes, q.shape[-2], q.dtype) if slopes.numel() else None
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,30 +18,7 @@ from torch import nn
 from bigscience_train.model import positions
 from bigscience_train.model.attention import AttentionMask, causal_attention, causal_mask
 from bigscience_train.model.output_loss import matmul_dtype, output_layer_loss
-
-
-@dataclass(frozen=True)
-class GPTShape:
-    """What the model needs to know, free of any config system."""
-
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    seq_length: int
-    vocab_size: int  # already padded
-    position: str = "alibi"
-    embedding_layernorm: bool = True
-    tie_embeddings: bool = True
-    layernorm_epsilon: float = 1e-5
-    init_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    rotary_base: float = 10000.0
-    attention: str = "sdpa"  # sdpa (our kernels on CPU in fp32) | flex (bigscience_train/model/attention.py)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+from bigscience_train.model.shape import GPTShape
 
 
 class Attention(nn.Module):
@@ -63,22 +39,6 @@ class Attention(nn.Module):
         return self.dense(out.transpose(1, 2).reshape(b, s, -1))
 
 
-# GeLU's tanh approximation, 0.5·x·(1 + tanh(u)) with u = sqrt(2/pi)·(x + 0.044715·x³), equals x·sigmoid(2u).
-_GELU_2U_LINEAR = 2.0 * math.sqrt(2.0 / math.pi)
-_GELU_2U_CUBIC = _GELU_2U_LINEAR * 0.044715
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """The tanh approximation: what BLOOM trained with (Megatron's fused bias-GeLU) and what HF Bloom computes.
-
-    Compiled, it is written in its sigmoid form: inductor's CPU kernels for the tanh form ran 2.5x slower
-    (forward 7.0 against 2.8 ms, backward 9.8 against 6.4 ms at 4 x 512 x 2048 fp32 on 2 cores). Eager
-    F.gelu is one kernel, where the sigmoid form would be five."""
-    if torch.compiler.is_compiling():
-        return x * torch.sigmoid(x * (_GELU_2U_LINEAR + _GELU_2U_CUBIC * x * x))
-    return F.gelu(x, approximate="tanh")
-
-
 class MLP(nn.Module):
     def __init__(self, shape: GPTShape):
         super().__init__()
@@ -86,7 +46,8 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(4 * shape.hidden_size, shape.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(gelu_tanh(self.dense_h_to_4h(x)))
+        # GeLU's tanh approximation: what BLOOM trained with (Megatron's fused bias-GeLU) and HF Bloom computes.
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -217,8 +178,7 @@ class GPT(nn.Module):
         return t.embedding_dropout(x)
 
     def _attention_mask(self, seq_len: int, dtype: torch.dtype, device: torch.device) -> AttentionMask:
-        """The mask of every block, kept from one forward to the next (an ALiBi bias of (heads, seq, seq)
-        took 5 ms to build at seq 512 on a CPU)."""
+        """The mask of every block, kept from one forward to the next: an ALiBi bias is (heads, seq, seq)."""
         slopes = self.alibi_slopes if self.shape.position == "alibi" else None
         # The slopes' storage and version: a new buffer (tensor parallelism slices it per rank) or an in-place
         # change makes a new bias.
@@ -227,7 +187,7 @@ class GPT(nn.Module):
             # Not an inference tensor, even when first built under inference_mode: training saves it for
             # backward.
             with torch.inference_mode(False):
-                mask = causal_mask(self.shape.attention, slopes, seq_len, self.shape.head_dim, dtype, device)
+                mask = causal_mask(self.shape.attention, slopes, seq_len, dtype, device)
                 self.mask_cache = (key, mask)
         return self.mask_cache[1]
 

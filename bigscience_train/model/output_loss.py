@@ -11,28 +11,13 @@ from __future__ import annotations
 
 import torch
 
-# Logits per chunk, and at least 128 tokens so each matmul stays large. On a CPU 4M elements (16 MB in fp32):
-# 512 tokens at a vocabulary of 8,192 ran fastest. On a GPU 64M (256 MB in fp32): a chunk costs some ten kernel
-# launches, and gpt_1b3's 16k tokens per micro batch take 13 chunks instead of 128.
-CHUNK_LOGITS = 1 << 22
-CHUNK_LOGITS_GPU = 1 << 26
-MIN_CHUNK_TOKENS = 128
+from bigscience_train.model.output_chunks import chunk_tokens
 
 
 def matmul_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype matmuls on `t` run in: autocast's where it is on for t's device, else t's own."""
     device = t.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
-
-
-def fused_loss_applies(enabled: bool, tp: int, pp: int) -> bool:
-    """Whether training takes this path: not with tensor parallelism (its vocab-parallel loss) or a pipeline
-    (its last stage's loss takes logits)."""
-    return enabled and tp == 1 and pp == 1
-
-
-def chunk_tokens(vocab_size: int, on_gpu: bool = False) -> int:
-    return max(MIN_CHUNK_TOKENS, (CHUNK_LOGITS_GPU if on_gpu else CHUNK_LOGITS) // vocab_size)
 
 
 class _OutputLayerLoss(torch.autograd.Function):
@@ -47,8 +32,7 @@ class _OutputLayerLoss(torch.autograd.Function):
         grad_weight = None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         step = chunk_tokens(weight.shape[0], hidden.device.type != "cpu")
-        # One buffer for every chunk's logits: a fresh one per chunk would be page-faulted in each time on a
-        # CPU (glibc hands blocks this large back to the kernel), which made the matmul 20% slower.
+        # One buffer for every chunk's logits, rather than an allocation per chunk.
         buffer = hidden.new_empty((min(step, hidden.shape[0]), weight.shape[0]), dtype=compute_dtype)
         for start in range(0, hidden.shape[0], step):
             rows = slice(start, start + step)

@@ -1,54 +1,184 @@
-"""A GPT made parallel for this process's place in the mesh: the whole model, or this rank's pipeline stages,
-each built on the meta device, allocated and initialised on its own, then made recomputing, tensor-parallel,
-compiled and data-parallel from outside. Training and evaluation build their models here."""
+"""A GPT made parallel for this process's place in the mesh, and the one interface training and evaluation run it
+through. The whole model, or this rank's pipeline stages, each built on the meta device, allocated and
+initialised on its own, then made recomputing, tensor-parallel, compiled and data-parallel from outside.
+
+`ParallelModel` owns every layout-dependent step of a training step: the micro-batch loop (or the pipeline
+schedule), data-parallel gradient synchronisation, the vocab-parallel loss context, the gradient reductions
+DDP and FSDP do not do, and clipping. The trainer calls it the same way for every layout.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
 
-from bigscience_train.model import GPT, GPTShape, build_on_meta, materialize
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from bigscience_train.model.gpt import GPT, build_on_meta, count_parameters, materialize
+from bigscience_train.model.shape import GPTShape
 from bigscience_train.parallel.data import apply_fsdp
 from bigscience_train.parallel.env import ParallelEnv
-from bigscience_train.parallel.pipeline import Pipeline, build_stage_parts, local_stage_ids, stage_layers
+from bigscience_train.parallel.loss import masked_lm_loss_sum
+from bigscience_train.parallel.pipeline import Pipeline, local_stage_ids, stage_layers, theoretical_bubble
+from bigscience_train.parallel.precision import autocast
 from bigscience_train.parallel.recompute import apply_recompute
-from bigscience_train.parallel.tensor import apply_tensor_parallel
+from bigscience_train.parallel.tensor import (
+    align_grads_with_params,
+    all_reduce_flat,
+    apply_tensor_parallel,
+    average_replicated_grads,
+    clip_grad_norm,
+    local_tensor,
+    loss_context,
+)
 
 
-@dataclass
 class ParallelModel:
-    # The rank's parameters under the whole model's names (optimizer, checkpoints).
-    model: GPT
-    # Set when pp > 1: the stages and their schedules.
-    pipeline: Pipeline | None
-    # FSDP over dp (ZeRO-2/3) rather than replicas.
-    fsdp: bool
+    """The rank's part of the model and how one step runs through it at this layout."""
 
+    def __init__(
+        self,
+        shape: GPTShape,
+        penv: ParallelEnv,
+        seed: int,
+        dtype: str = "fp32",
+        compile_blocks: bool = False,
+        fused_output_loss: bool = False,
+    ):
+        dims = penv.dims
+        self.shape, self.penv, self.dims, self.dtype = shape, penv, dims, dtype
+        self.num_parameters = count_parameters(build_on_meta(shape))
+        stage_ids = local_stage_ids(penv.pp_rank, dims.pp, dims.virtual_stages)
+        if dims.pp > 1:
+            ranges = stage_layers(shape.num_layers, dims.num_stages, dims.pp_count_embeddings)
+            parts = [build_on_meta(shape).keep_layers(ranges[i]) for i in stage_ids]
+        else:
+            parts = [build_on_meta(shape)]
+        for part in parts:
+            materialize(part, penv.device, seed)
+            apply_recompute(part, dims.recompute)
+            if dims.tp > 1:
+                apply_tensor_parallel(part, penv.mesh["tp"], dims.sequence_parallel)
+            if compile_blocks:
+                # In place (Module.compile): parameter names, and so checkpoints, stay the same.
+                for block in part.transformer.h.values():
+                    block.compile()
+            if dims.fsdp:
+                apply_fsdp(part, penv.mesh["dp"], dims.dp_shard)
+        self.pipeline: Pipeline | None = None
+        if dims.pp > 1:
+            self.pipeline = Pipeline(
+                parts, stage_ids, dims.num_stages, penv.mesh["pp"], penv.device, dims.pp_schedule
+            )
+            # The rank's parameters under the whole model's names (optimizer, checkpoints).
+            self.model: GPT = self.pipeline.model
+        else:
+            self.model = parts[0]
+        # DDP buckets and overlaps the gradient all-reduce with backward where it applies: whole replicas of a
+        # model that is neither tensor- nor pipeline-parallel. Other layouts average over dp after backward.
+        self.ddp: DistributedDataParallel | None = None
+        if dims.replicas and dims.tp == 1 and dims.pp == 1:
+            self.ddp = DistributedDataParallel(self.model, process_group=penv.dp_group())
+        self.fused_output_loss = dims.fused_output_loss(fused_output_loss)
+        self.params = list({id(p): p for p in self.model.parameters()}.values())
 
-def build_parallel_model(
-    shape: GPTShape, par, penv: ParallelEnv, seed: int, compile_blocks: bool = False
-) -> ParallelModel:
-    """`par`: the config's `parallel` section."""
-    fsdp = penv.dp > 1 and par.dp_shard.value != "none"
-    stage_ids = local_stage_ids(penv.pp_rank, penv.pp, par.virtual_stages)
-    if penv.pp > 1:
-        ranges = stage_layers(shape.num_layers, penv.pp * par.virtual_stages, par.pp_count_embeddings)
-        parts = build_stage_parts(shape, [ranges[i] for i in stage_ids])
-    else:
-        parts = [build_on_meta(shape)]
-    for part in parts:
-        materialize(part, penv.device, seed)
-        apply_recompute(part, par.recompute.value)
-        if penv.tp > 1:
-            apply_tensor_parallel(part, penv.mesh["tp"], par.sequence_parallel)
-        if compile_blocks:
-            # In place (Module.compile): parameter names, and so checkpoints, stay the same.
-            for block in part.transformer.h.values():
-                block.compile()
-        if fsdp:
-            apply_fsdp(part, penv.mesh["dp"], par.dp_shard.value)
-    if penv.pp == 1:
-        return ParallelModel(parts[0], None, fsdp)
-    pipeline = Pipeline(
-        parts, stage_ids, penv.pp * par.virtual_stages, penv.mesh["pp"], penv.device, par.pp_schedule
-    )
-    return ParallelModel(pipeline.model, pipeline, fsdp)
+    # -- what checkpoints and the optimizer need ----------------------------------------------------------
+    def optimizer_aliases(self) -> dict[str, str]:
+        return self.pipeline.optimizer_aliases() if self.pipeline is not None else {}
+
+    def train(self, mode: bool = True) -> None:
+        (self.ddp or self.model).train(mode)
+
+    # -- one pass over a batch ---------------------------------------------------------------------------
+    def forward_backward(self, batches: list[dict], loss_scale: float, train: bool) -> torch.Tensor:
+        """Runs the micro-batches (backward too when training, each loss multiplied by loss_scale and divided
+        by their count); returns [loss sum, token count, pipeline idle fraction] of this rank, to be summed
+        over the mesh (`penv.all_reduce_sum`)."""
+        with loss_context(self.dims.tp), autocast(self.dtype, self.penv.device):
+            if self.pipeline is not None:
+                return self._pipeline_pass(batches, loss_scale, train)
+            return self._micro_batch_loop(batches, loss_scale, train)
+
+    def _micro_batch_loop(self, batches: list[dict], loss_scale: float, train: bool) -> torch.Tensor:
+        total = torch.zeros(3, dtype=torch.float64, device=self.penv.device)
+        module = self.ddp or self.model
+        for j, batch in enumerate(batches):
+            with self._gradient_sync(train and j == len(batches) - 1, train):
+                if self.fused_output_loss:
+                    loss_sum, count = module(
+                        batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"]
+                    )
+                else:
+                    logits = module(batch["tokens"])
+                    loss_sum, count = masked_lm_loss_sum(logits, batch["labels"], batch["loss_mask"])
+                    # Nothing saves the logits for backward: held here, they would stay alive through it.
+                    del logits
+                if train:
+                    ((loss_sum / count.clamp(min=1)) * (loss_scale / len(batches))).backward()
+            total[:2] += torch.stack([loss_sum.detach().double(), count.double()])
+        return total
+
+    def _gradient_sync(self, last: bool, train: bool):
+        """DDP and FSDP reduce gradients only on the step's last micro-batch."""
+        if not train:
+            return contextlib.nullcontext()
+        if self.dims.fsdp:
+            self.model.set_requires_gradient_sync(last)
+        if self.ddp is not None and not last:
+            return self.ddp.no_sync()
+        return contextlib.nullcontext()
+
+    def _pipeline_pass(self, batches: list[dict], loss_scale: float, train: bool) -> torch.Tensor:
+        num_micro = len(batches)
+        records: list[torch.Tensor] = []
+
+        def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            loss_sum, count = masked_lm_loss_sum(logits, target[..., 0], target[..., 1])
+            records.append(torch.stack([loss_sum.detach().double(), count.double()]))
+            return (loss_sum / count.clamp(min=1)) * (loss_scale / num_micro)
+
+        self.pipeline.loss_fn = loss_fn
+        tokens = torch.cat([b["tokens"] for b in batches])
+        # The schedule splits one target tensor into micro-batches: labels and loss mask travel together.
+        target = torch.stack(
+            [torch.cat([b["labels"] for b in batches]), torch.cat([b["loss_mask"] for b in batches]).long()],
+            -1,
+        )
+        total = torch.zeros(3, dtype=torch.float64, device=self.penv.device)
+        total[2] = self.pipeline.run(tokens, target, num_micro, train)
+        # A new schedule's first pass also calls the loss once to infer gradient shapes: not a micro-batch.
+        for record in records[-num_micro:]:
+            total[:2] += record
+        return total
+
+    def bubble_theory(self, micro_batches: int) -> float | None:
+        if self.pipeline is None:
+            return None
+        return theoretical_bubble(self.dims.pp, micro_batches, self.dims.virtual_stages)
+
+    # -- gradients ---------------------------------------------------------------------------------------
+    def reduce_gradients(self, loss_scale: float) -> list[torch.nn.Parameter]:
+        """Completes this step's gradients: those DDP or FSDP do not already average (replicated ones over tp;
+        all of them over dp where neither runs), the pipeline's two copies of tied embeddings summed, and the
+        loss scale divided out. Returns the parameters that have a gradient."""
+        params = [p for p in self.params if p.grad is not None]
+        if self.dims.tp > 1:
+            align_grads_with_params(params, self.penv.mesh["tp"])
+            average_replicated_grads(params, self.penv.mesh["tp"])
+        if self.dims.replicas and self.ddp is None:
+            all_reduce_flat([local_tensor(p.grad) for p in params], self.penv.dp_group(), self.dims.dp)
+        if self.pipeline is not None:
+            self.pipeline.sum_tied_grads()
+        if loss_scale != 1.0:
+            torch._foreach_mul_([local_tensor(p.grad) for p in params], 1.0 / loss_scale)
+        return params
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        """The global gradient norm over every rank's parameters (each counted once), clipped to max_norm."""
+        pipeline = self.pipeline
+        return clip_grad_norm(
+            params,
+            max_norm,
+            pipeline.group if pipeline else None,
+            pipeline.duplicate() if pipeline else None,
+        )

@@ -7,7 +7,6 @@ trades memory for one all-gather less per step. Gradients are reduce-scattered (
 
 from __future__ import annotations
 
-import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
@@ -20,8 +19,3 @@ def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, zero: str) -> None:
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
     # The root unit holds the (tied) embedding, the final layernorm and the output layer.
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-
-
-def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
-    """Gradient accumulation: reduce-scatter only on the step's last micro-batch."""
-    model.set_requires_gradient_sync(enabled)

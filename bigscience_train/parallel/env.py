@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
-MESH_DIMS = ("pp", "dp", "tp")
+from bigscience_train.parallel.dims import ParallelDims
 
 
 def launcher_env() -> tuple[int, int, int]:
@@ -37,10 +37,20 @@ class ParallelEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    tp: int
-    pp: int
-    dp: int
+    dims: ParallelDims
     mesh: DeviceMesh
+
+    @property
+    def tp(self) -> int:
+        return self.dims.tp
+
+    @property
+    def pp(self) -> int:
+        return self.dims.pp
+
+    @property
+    def dp(self) -> int:
+        return self.dims.dp
 
     @property
     def is_rank0(self) -> bool:
@@ -102,13 +112,22 @@ def rank_device(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_parallel(tp: int, pp: int, dp: int | None, timeout_minutes: float = 30.0) -> ParallelEnv:
+def job_dims(cfg) -> ParallelDims:
+    """The layout a run config asks for on the job this process belongs to."""
+    return ParallelDims.from_config(cfg, launcher_env()[1])
+
+
+def init_parallel(dims: ParallelDims | None = None, timeout_minutes: float = 30.0) -> ParallelEnv:
+    """Joins the job's process group and builds the mesh of `dims` (default: one process), whose sizes must
+    multiply to the world size."""
+    dims = dims or ParallelDims()
     rank, world, local_rank = launcher_env()
+    if dims.world_size != world:
+        raise ValueError(f"the layout {dims} needs {dims.world_size} processes; this job has {world}")
     device = rank_device(local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dp = dp if dp is not None else world // (tp * pp)
     if not dist.is_initialized():
         if world > 1:
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
@@ -116,8 +135,7 @@ def init_parallel(tp: int, pp: int, dp: int | None, timeout_minutes: float = 30.
             # A process group of one, so that one process runs the same code as many (megatron-core's
             # index builders and DCP ask for ranks too).
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
-    return ParallelEnv(rank, world, local_rank, device, tp, pp, dp, mesh)
+    return ParallelEnv(rank, world, local_rank, device, dims, dims.build_mesh(device.type))
 
 
 def shutdown() -> None:

@@ -26,7 +26,7 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleaved1F1B,
 )
 
-from bigscience_train.model.gpt import EMBEDDING_MODULES, GPT, GPTShape, build_on_meta
+from bigscience_train.model.gpt import EMBEDDING_MODULES, GPT, build_on_meta
 from bigscience_train.parallel.tensor import local_tensor
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -49,11 +49,6 @@ def local_stage_ids(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
 def theoretical_bubble(pp: int, micro_batches: int, virtual_stages: int = 1) -> float:
     """Idle fraction of a pipeline step: (pp - 1) / (v * m + pp - 1)."""
     return (pp - 1) / (virtual_stages * micro_batches + pp - 1)
-
-
-def build_stage_parts(shape: GPTShape, ranges: list[range]) -> list[GPT]:
-    """The rank's stages on the meta device, to be parallelised and materialised by the caller."""
-    return [build_on_meta(shape).keep_layers(layers) for layers in ranges]
 
 
 def rank_model(parts: list[GPT]) -> GPT:

@@ -7,10 +7,12 @@ carbon paper, Luccioni et al. 2022); emissions = energy x grid intensity.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
-from bigscience_train.config import cluster_world_size, data_parallel_size, padded_vocab_size
+from bigscience_train.config.validate import batch_sizes, cluster_world_size, pipeline_problems
+from bigscience_train.parallel.dims import ParallelDims
 from bigscience_train.plan.hardware import device_spec
 from bigscience_train.plan.memory import GIB, Layout, MemoryEstimate, estimate_memory, parameter_counts
 from bigscience_train.plan.throughput import TimeEstimate, estimate_time
@@ -73,17 +75,7 @@ class Plan:
 
 def layout_of(cfg) -> Layout:
     """The layout a config asks for, on its cluster's nodes x ranks per node."""
-    par = cfg.parallel
-    return Layout(
-        par.tp,
-        par.pp,
-        data_parallel_size(cfg, cluster_world_size(cfg.cluster)),
-        cfg.train.micro_batch_size,
-        par.recompute.value,
-        par.dp_shard.value,
-        par.pp_schedule,
-        par.virtual_stages,
-    )
+    return Layout(ParallelDims.from_config(cfg, cluster_world_size(cfg.cluster)), cfg.train.micro_batch_size)
 
 
 def token_budget(cfg) -> int | None:
@@ -98,12 +90,13 @@ def token_budget(cfg) -> int | None:
 def make_plan(cfg, layout: Layout) -> Plan:
     c, tr = cfg.cluster, cfg.train
     device = device_spec(c.device)
+    dims = layout.dims
     memory = estimate_memory(cfg, layout, tr.global_batch_size)
     time = estimate_time(cfg, layout, tr.global_batch_size, memory.parameters_per_rank)
     return Plan(
         layout=layout,
-        world=layout.tp * layout.pp * layout.dp,
-        parameters=parameter_counts(cfg.model, layout.tp).total,
+        world=dims.world_size,
+        parameters=parameter_counts(dims.model_shape(cfg.model), dims.tp).total,
         memory=memory,
         time=time,
         capacity_gb=c.device_memory_gb if c.device_memory_gb is not None else device.memory_gb,
@@ -119,25 +112,48 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
+def _trainable(layout: Layout, batches: list[int]) -> bool:
+    """Whether the trainer takes every global batch of the run (ramp-up included) on this layout."""
+    try:
+        for batch in batches:
+            layout.micro_batches(batch)
+    except ValueError:
+        return False
+    step = layout.micro_batch * layout.dims.dp
+    return layout.dims.pp == 1 or not pipeline_problems(layout.dims, batches, step)
+
+
 def candidate_layouts(cfg) -> list[Layout]:
-    """Valid layouts on the cluster's nodes: TP within a node and dividing the heads, PP dividing the layers
-    (with the embedding slots when pp_count_embeddings), the global batch divisible by micro batch x dp."""
+    """Valid layouts on the cluster's nodes: TP within a node and dividing the heads, PP (x virtual stages)
+    dividing the layers (with the embedding slots when pp_count_embeddings), and every batch of the run in
+    micro batches the pipeline schedule takes."""
     m, c, par = cfg.model, cfg.cluster, cfg.parallel
     world = cluster_world_size(c)
-    gbs = cfg.train.global_batch_size
+    batches = batch_sizes(cfg.train.global_batch_size, list(cfg.train.rampup_batch_size))
+    base = ParallelDims.from_config(cfg, world)
     units = m.num_layers + (2 if par.pp_count_embeddings else 0)
     layouts = []
     for tp, pp in itertools.product(_divisors(c.procs_per_node), _divisors(world)):
-        if m.num_heads % tp or units % pp or world % (tp * pp):
+        schedule = base.pp_schedule if pp > 1 else "1f1b"
+        virtual = base.virtual_stages if schedule == "interleaved_1f1b" else 1
+        if m.num_heads % tp or units % (pp * virtual) or world % (tp * pp):
             continue
         if pp > 1 and (units // pp) < (2 if par.pp_count_embeddings else 1):
             continue
-        dp = world // (tp * pp)
         for mbs, recompute in itertools.product(MICRO_BATCHES, RECOMPUTE):
-            if gbs % (mbs * dp) == 0:
-                schedule = par.pp_schedule if pp > 1 else "1f1b"
-                virtual = par.virtual_stages if schedule == "interleaved_1f1b" else 1
-                layouts.append(Layout(tp, pp, dp, mbs, recompute, par.dp_shard.value, schedule, virtual))
+            dims = dataclasses.replace(
+                base,
+                tp=tp,
+                pp=pp,
+                dp=world // (tp * pp),
+                sequence_parallel=base.sequence_parallel and tp > 1,
+                pp_schedule=schedule,
+                virtual_stages=virtual,
+                recompute=recompute,
+            )
+            layout = Layout(dims, mbs)
+            if _trainable(layout, batches):
+                layouts.append(layout)
     return layouts
 
 
@@ -147,8 +163,3 @@ def search(cfg, top: int = 10) -> list[Plan]:
     fitting = [p for p in plans if p.fits is not False]
     fitting.sort(key=lambda p: (p.time.iteration, p.memory.peak))
     return fitting[:top]
-
-
-def vocab_note(cfg, tp: int) -> str:
-    padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
-    return f"vocabulary {cfg.model.vocab_size:,} padded to {padded:,}"

@@ -1,7 +1,9 @@
 """Devices the planner knows: memory, power and link bandwidth from the vendors' data sheets, and the compute
 efficiency a transformer layer reaches on them.
 
-Peak FLOP/s are those of bigscience_train.metrics.flops (dense tensor cores, SXM parts).
+Peak FLOP/s of GPUs are those of bigscience_train.metrics.flops (dense tensor cores, SXM parts). A CPU has no
+such figure, and the planner stays arithmetic (no torch, so no matmul to time, as training does for MFU): it
+takes CPU_CORE_TFLOPS per core of a rank, a nominal rate, so CPU plans are rough.
 
 Compute efficiency (the fraction of peak a layer's GEMMs sustain) follows
     efficiency = max_efficiency(device) * g / (g + G_HALF),    g = hidden_size / tp,
@@ -15,7 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bigscience_train.metrics.flops import datasheet_peak_flops
+
 G_HALF = 512.0
+# One x86 core's fp32 matmul rate, two 256-bit FMA units at about 3 GHz (2 x 8 x 2 x 3e9 FLOP/s); taken for
+# every dtype, since half precision on CPUs ranges from emulated (slower) to AMX (faster).
+CPU_CORE_TFLOPS = 0.1
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,7 @@ DEVICES: dict[str, Device] = {
     "a100": Device(memory_gb=80.0, tdp_watts=400.0, intra_node_gbps=230.0, max_efficiency=0.62),
     "h100": Device(memory_gb=80.0, tdp_watts=700.0, intra_node_gbps=370.0, max_efficiency=0.62),
     "h200": Device(memory_gb=141.0, tdp_watts=700.0, intra_node_gbps=370.0, max_efficiency=0.62),
-    # CPU ranks: peak is the matmul rate measured at start-up; links are shared memory.
+    # CPU ranks: peak from CPU_CORE_TFLOPS; links are shared memory.
     "cpu": Device(memory_gb=None, tdp_watts=None, intra_node_gbps=10.0, max_efficiency=0.7),
 }
 
@@ -41,6 +48,19 @@ def device_spec(name: str) -> Device:
     if name not in DEVICES:
         raise ValueError(f"cluster.device={name!r} is not a known device ({', '.join(DEVICES)})")
     return DEVICES[name]
+
+
+def peak_flops(cluster, dtype: str) -> float:
+    """Peak FLOP/s of one rank of `cluster`: the data sheet's for a GPU; for CPU ranks, the nominal core rate
+    times the cores each rank gets (cluster.cpus_per_node shared by the node's ranks, else one)."""
+    device_spec(cluster.device)
+    if cluster.device == "cpu":
+        cores = cluster.cpus_per_node // cluster.procs_per_node if cluster.cpus_per_node else 1
+        return max(cores, 1) * CPU_CORE_TFLOPS * 1e12
+    try:
+        return datasheet_peak_flops(cluster.device, dtype)
+    except ValueError as e:
+        raise ValueError(f"cluster.device={cluster.device} with precision {dtype}: {e}") from e
 
 
 def compute_efficiency(device: str, hidden_size: int, tp: int) -> float:

@@ -18,8 +18,8 @@ inside autocast), so per parameter: weights 4 B, gradients 4 B, AdamW's two mome
   all layers and micro batches and kept from step to step.
   First stage: the embedding layernorm's input, 4 sbh B. Last stage: ln_f input 4 sbh B, logits and
   log-softmax 8 bsV/t B in fp32 (10 bsV/t B with autocast: bf16 logits, then fp32). With the fused output
-  loss (train.fused_output_loss, tp = pp = 1) instead: one chunk of c tokens' logits, 4 cV B (6 cV B with
-  autocast), and the gradients it computes in forward, 4 sbh + 4 Vh B.
+  loss instead (train.fused_output_loss, on the layouts ParallelDims.fused_output_loss allows): one chunk of
+  c tokens' logits, 4 cV B (6 cV B with autocast), and the gradients it computes in forward, 4 sbh + 4 Vh B.
 - micro batches in flight on the first stage: 1 without pipeline, min(p, m) for 1F1B, m for GPipe,
   p + (p - 1)/v for interleaved 1F1B with v virtual stages (Narayanan et al. 2021).
 - temporary buffers: the logits' gradient 4 bsV/t B (none when fused); the foreach AdamW step's one fp32
@@ -33,8 +33,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bigscience_train.config import padded_vocab_size
-from bigscience_train.model.output_loss import chunk_tokens, fused_loss_applies
+from bigscience_train.model.output_chunks import chunk_tokens
+from bigscience_train.model.shape import GPTShape, Position
+from bigscience_train.parallel.dims import ParallelDims
 
 GIB = 1024**3
 # Memory that lives only from a micro batch's forward to its backward.
@@ -43,19 +44,17 @@ _TRANSIENT = ("activations", "recomputed layer", "logits", "temporary buffers")
 
 @dataclass(frozen=True)
 class Layout:
-    tp: int
-    pp: int
-    dp: int
+    """One candidate of the planner: the job's dims (ParallelDims decides what they imply) and the micro
+    batch, which ParallelDims does not hold."""
+
+    dims: ParallelDims
     micro_batch: int
-    recompute: str = "none"
-    zero: str = "none"
-    schedule: str = "1f1b"
-    virtual_stages: int = 1
+
+    def micro_batches(self, global_batch: int) -> int:
+        return self.dims.micro_batches(global_batch, self.micro_batch)
 
     def __str__(self) -> str:
-        return f"tp={self.tp} pp={self.pp} dp={self.dp} mbs={self.micro_batch} recompute={self.recompute}" + (
-            f" {self.zero}" if self.zero != "none" else ""
-        )
+        return f"{self.dims} mbs={self.micro_batch} recompute={self.dims.recompute}"
 
 
 @dataclass
@@ -68,22 +67,22 @@ class ParameterCounts:
     per_rank_final: int  # final layernorm (+ untied output layer) on a last-stage rank
 
 
-def parameter_counts(model, tp: int) -> ParameterCounts:
-    """Exact for our GPT: per layer 12h^2 + 13h (qkv, dense, two MLP matrices with biases, two layernorms).
+def parameter_counts(shape: GPTShape, tp: int) -> ParameterCounts:
+    """Exact for our GPT of `shape` (its vocabulary padded for tp): per layer 12h^2 + 13h (qkv, dense, two MLP
+    matrices with biases, two layernorms).
 
     Tensor parallelism splits the matmul weights, the column-parallel biases (qkv, h->4h) and the vocabulary;
     row-parallel biases and layernorms are replicated.
     """
-    h, s = model.hidden_size, model.seq_length
-    v = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
-    position = str(getattr(model.position, "value", model.position))
-    embedding = v * h + (s * h if position == "learned" else 0) + (2 * h if model.embedding_layernorm else 0)
+    h, s, v = shape.hidden_size, shape.seq_length, shape.vocab_size
+    learned = shape.position == Position.learned
+    embedding = v * h + (s * h if learned else 0) + (2 * h if shape.embedding_layernorm else 0)
     per_layer = 12 * h * h + 13 * h
-    output = 0 if model.tie_embeddings else v * h
-    per_rank_embedding = v * h // tp + (s * h if position == "learned" else 0)
-    per_rank_embedding += 2 * h if model.embedding_layernorm else 0
+    output = 0 if shape.tie_embeddings else v * h
+    per_rank_embedding = v * h // tp + (s * h if learned else 0)
+    per_rank_embedding += 2 * h if shape.embedding_layernorm else 0
     return ParameterCounts(
-        total=embedding + model.num_layers * per_layer + 2 * h + output,
+        total=embedding + shape.num_layers * per_layer + 2 * h + output,
         embedding=embedding,
         per_layer=per_layer,
         per_rank_layer=12 * h * h // tp + 7 * h // tp + 6 * h,
@@ -102,14 +101,14 @@ def stage_layers(num_layers: int, pp: int, count_embeddings: bool) -> tuple[int,
     return edge, units, edge
 
 
-def in_flight(layout: Layout, micro_batches: int) -> float:
-    p = layout.pp
+def in_flight(dims: ParallelDims, micro_batches: int) -> float:
+    p = dims.pp
     if p == 1:
         return 1.0
-    if layout.schedule == "gpipe":
+    if dims.pp_schedule == "gpipe":
         return float(micro_batches)
-    if layout.schedule == "interleaved_1f1b":
-        return min(float(micro_batches), p + (p - 1) / layout.virtual_stages)
+    if dims.pp_schedule == "interleaved_1f1b":
+        return min(float(micro_batches), p + (p - 1) / dims.virtual_stages)
     return float(min(p, micro_batches))
 
 
@@ -134,17 +133,17 @@ class MemoryEstimate:
 
 
 def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
-    m_cfg, t, d = cfg.model, layout.tp, layout.dp
+    dims = layout.dims
+    t, d = dims.tp, dims.dp
     half = cfg.precision.dtype.value != "fp32"
-    counts = parameter_counts(m_cfg, t)
-    first, _, last = stage_layers(m_cfg.num_layers, layout.pp, cfg.parallel.pp_count_embeddings)
-    h, s, b = m_cfg.hidden_size, m_cfg.seq_length, layout.micro_batch
-    v = padded_vocab_size(m_cfg.vocab_size, m_cfg.make_vocab_size_divisible_by, t)
+    shape = dims.model_shape(cfg.model)
+    counts = parameter_counts(shape, t)
+    first, _, last = stage_layers(shape.num_layers, dims.pp, dims.pp_count_embeddings)
+    h, s, b, v = shape.hidden_size, shape.seq_length, layout.micro_batch, shape.vocab_size
     sbh = s * b * h
-    micro_batches = max(global_batch // (b * d), 1)
-    alibi = str(getattr(m_cfg.position, "value", m_cfg.position)) == "alibi"
-    bias = (m_cfg.num_heads / t) * s * s * (2 if half else 4) if alibi else 0.0
-    fused = fused_loss_applies(cfg.train.fused_output_loss, t, layout.pp)
+    micro_batches = layout.micro_batches(global_batch)
+    bias = (shape.num_heads / t) * s * s * (2 if half else 4) if shape.position == Position.alibi else 0.0
+    fused = dims.fused_output_loss(cfg.train.fused_output_loss)
     if fused:
         chunk = min(chunk_tokens(v, on_gpu=cfg.cluster.device != "cpu"), b * s)
         logits = (6 if half else 4) * chunk * v + 4 * sbh * 2 + 4 * v * h
@@ -153,41 +152,41 @@ def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
     logits_grad = 0 if fused else 4 * b * s * v / t
 
     best: MemoryEstimate | None = None
-    stages = [(first, True, layout.pp == 1)] + ([(last, False, True)] if layout.pp > 1 else [])
+    stages = [(first, True, dims.pp == 1)] + ([(last, False, True)] if dims.pp > 1 else [])
     for layers, has_embedding, has_output in stages:
         p_rank = layers * counts.per_rank_layer
-        p_rank += counts.per_rank_embedding if has_embedding or (has_output and m_cfg.tie_embeddings) else 0
+        p_rank += counts.per_rank_embedding if has_embedding or (has_output and shape.tie_embeddings) else 0
         p_rank += counts.per_rank_final if has_output else 0
-        shard = d if layout.zero != "none" else 1
+        shard = d if dims.fsdp else 1
         terms = {
             "weights": 4 * p_rank / shard,
             "gradients": 4 * p_rank / shard,
             "optimizer states": 8 * p_rank / shard,
         }
-        if layout.zero == "zero2":
+        if dims.fsdp and dims.dp_shard == "zero2":
             terms["gathered parameters"] = 4 * p_rank * (1 - 1 / d)
-        elif layout.zero == "zero3":
+        elif dims.fsdp and dims.dp_shard == "zero3":
             terms["gathered parameters"] = 2 * 4 * counts.per_rank_layer * (1 - 1 / d)
-        if d > 1 and t == 1 and layout.zero == "none":
+        if dims.replicas and t == 1:
             terms["DDP gradient buckets"] = 4 * p_rank
         if bias:
-            terms["ALiBi bias"] = bias * (layout.virtual_stages if layout.pp > 1 else 1)
+            terms["ALiBi bias"] = bias * (dims.virtual_stages if dims.pp > 1 else 1)
         if half:
             terms["autocast weight copies"] = 2 * layers * 12 * h * h / t
-        flight = in_flight(layout, micro_batches) if has_embedding else 1.0
-        per_micro_batch = layers * layer_activation_bytes(sbh, t, layout.recompute, half)
-        per_micro_batch += 4 * sbh if has_embedding and m_cfg.embedding_layernorm else 0
+        flight = in_flight(dims, micro_batches) if has_embedding else 1.0
+        per_micro_batch = layers * layer_activation_bytes(sbh, t, dims.recompute, half)
+        per_micro_batch += 4 * sbh if has_embedding and shape.embedding_layernorm else 0
         terms["activations"] = per_micro_batch * flight
-        if layout.recompute == "full":
+        if dims.recompute == "full":
             terms["recomputed layer"] = layer_activation_bytes(sbh, t, "none", half)
         if has_output:
             terms["logits"] = logits
-        temp = (logits_grad if has_output else 0) + (2 * 4 * sbh if layout.pp > 1 else 0)
+        temp = (logits_grad if has_output else 0) + (2 * 4 * sbh if dims.pp > 1 else 0)
         terms["temporary buffers"] = temp
         states = terms["weights"] + terms["gradients"] + terms["optimizer states"]
         transient = sum(terms.get(k, 0.0) for k in _TRANSIENT)
         persistent = sum(terms.values()) - transient - terms["gradients"]
-        if micro_batches == 1 and layout.pp == 1:
+        if micro_batches == 1 and dims.pp == 1:
             # Gradients are created (set_to_none each step) as backward frees the activations: with one
             # micro batch, the two peak at opposite ends of backward.
             forward_backward = persistent + max(terms["gradients"], transient)

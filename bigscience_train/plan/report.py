@@ -30,7 +30,7 @@ def memory_breakdown(plan: Plan) -> list[str]:
 
 def format_plan(cfg, plan: Plan) -> str:
     c, t = cfg.cluster, plan.time
-    m = max(cfg.train.global_batch_size // (plan.layout.micro_batch * plan.layout.dp), 1)
+    m = plan.layout.micro_batches(cfg.train.global_batch_size)
     lines = [
         f"model {cfg.model.name}: {plan.parameters:,} parameters; {plan.memory.parameters_per_rank:,} on the "
         "heaviest rank",

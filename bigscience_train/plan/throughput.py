@@ -3,8 +3,8 @@
     t_iter = t_compute * bubble + t_tp + t_pp + t_dp
 
 - t_compute = F_hw / (N * peak * efficiency): F_hw the hardware FLOPs of one iteration (Narayanan et al. 2021,
-  eq. 3, with a fourth forward under full recompute), N devices, efficiency from plan.hardware; selective
-  recompute adds SELECTIVE_OVERHEAD.
+  eq. 3, with a fourth forward under full recompute), N devices, peak and efficiency from plan.hardware;
+  selective recompute adds SELECTIVE_OVERHEAD.
 - bubble = (m + p - 1) / m for GPipe and 1F1B, (m + (p - 1)/v) / m interleaved; m = B / (b d) micro batches.
 - t_tp: per layer and micro batch, 2 all-reduces of b s h activations forward, 2 backward, 2 more for a full
   recompute; a ring all-reduce moves 2 (t-1)/t of the bytes over NVLink (over the network if t exceeds a node).
@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bigscience_train.config import padded_vocab_size
-from bigscience_train.metrics.flops import flops_per_iteration, peak_flops
-from bigscience_train.plan.hardware import compute_efficiency, device_spec
+from bigscience_train.metrics.flops import flops_per_iteration
+from bigscience_train.plan.hardware import compute_efficiency, device_spec, peak_flops
 from bigscience_train.plan.memory import Layout, stage_layers
 
 # Selective recompute re-runs the elementwise work between matmuls: memory-bound, a few percent of a step
@@ -52,32 +51,31 @@ def _ring(bytes_: float, ranks: int, gbps: float, passes: float = 2.0) -> float:
 
 
 def estimate_time(cfg, layout: Layout, global_batch: int, params_per_rank: int) -> TimeEstimate:
-    m_cfg, c = cfg.model, cfg.cluster
+    c, dims = cfg.cluster, layout.dims
     dtype = cfg.precision.dtype.value
-    t, p, d, b = layout.tp, layout.pp, layout.dp, layout.micro_batch
-    world = t * p * d
-    v = padded_vocab_size(m_cfg.vocab_size, m_cfg.make_vocab_size_divisible_by, t)
-    h, s, L = m_cfg.hidden_size, m_cfg.seq_length, m_cfg.num_layers
-    full = layout.recompute == "full"
+    t, p, d, b = dims.tp, dims.pp, dims.dp, layout.micro_batch
+    shape = dims.model_shape(cfg.model)
+    h, s, L, v = shape.hidden_size, shape.seq_length, shape.num_layers, shape.vocab_size
+    full = dims.recompute == "full"
     model_flops = flops_per_iteration(global_batch, s, L, h, v)
     hw_flops = flops_per_iteration(global_batch, s, L, h, v, recompute=full)
     efficiency = compute_efficiency(c.device, h, t)
-    compute = hw_flops / (world * peak_flops(c.device, dtype) * efficiency)
-    if layout.recompute == "selective":
+    compute = hw_flops / (dims.world_size * peak_flops(c, dtype) * efficiency)
+    if dims.recompute == "selective":
         compute *= 1 + SELECTIVE_OVERHEAD
 
-    m = max(global_batch // (b * d), 1)
-    extra = (p - 1) / (layout.virtual_stages if layout.schedule == "interleaved_1f1b" else 1)
+    m = layout.micro_batches(global_batch)
+    extra = (p - 1) / (dims.virtual_stages if dims.pp_schedule == "interleaved_1f1b" else 1)
     bubble = extra / (m + extra)
 
     per_node = c.procs_per_node
     intra = device_spec(c.device).intra_node_gbps
     network = c.inter_node_gbps / per_node  # each GPU's share of its node's link
     act_bytes = s * b * h * (2 if dtype != "fp32" else 4)
-    _, middle, _ = stage_layers(L, p, cfg.parallel.pp_count_embeddings)
+    _, middle, _ = stage_layers(L, p, dims.pp_count_embeddings)
     all_reduces = middle * m * (6 if full else 4)
     tp_time = all_reduces * _ring(act_bytes, t, intra if t <= per_node else network)
     pp_time = 0.0 if p == 1 else 2 * m * act_bytes / ((intra if t * p <= per_node else network) * 1e9)
-    passes = 3.0 if layout.zero == "zero3" else 2.0
-    dp_time = _ring(4 * params_per_rank, d, intra if world <= per_node else network, passes)
+    passes = 3.0 if dims.fsdp and dims.dp_shard == "zero3" else 2.0
+    dp_time = _ring(4 * params_per_rank, d, intra if dims.world_size <= per_node else network, passes)
     return TimeEstimate(compute, bubble, tp_time, pp_time, dp_time, model_flops, hw_flops, efficiency)

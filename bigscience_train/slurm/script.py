@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bigscience_train import __version__
+from bigscience_train.config.validate import signal_number
 from bigscience_train.slurm.directives import sbatch_directives
 
 OFFLINE_ENV = {
@@ -21,8 +22,11 @@ OFFLINE_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "WANDB_MODE": "offline",
 }
-# torchrun's agent forwards these to the ranks; the stop signal must be among them, or it would kill the agent.
+# torchrun's agent forwards these to the ranks in any release; any other signal would kill the agent.
 _TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+# torchrun options for a clean stop, with the torch release that brought each (the job's torch may be older).
+_SIGNALS_FLAG = ("--signals-to-handle", "2.10")
+_SHUTDOWN_FLAG = ("--shutdown-timeout", "2.12")
 # Slurm may send --signal up to this many seconds early: the ranks get that long on top to save and exit.
 SIGNAL_EARLY = 60
 # Arguments the job's shell expands: the array task's index, the Python the script set, and the array task's
@@ -112,6 +116,30 @@ def master_address() -> list[str]:
     ]
 
 
+def torchrun_stop_options(stop_signal: str, shutdown_seconds: int) -> list[str]:
+    """Lines that set TORCHRUN_STOP to the torchrun options for a clean stop on `stop_signal` that the job's
+    torchrun has, with a warning in the log for each it lacks."""
+    name = signal_number(stop_signal).name
+    wanted = [(_SHUTDOWN_FLAG, shutdown_seconds, f"it kills the ranks 30 s after {name}, saved or not")]
+    if name not in _TORCHRUN_SIGNALS:
+        handled = ",".join([*_TORCHRUN_SIGNALS, name])
+        wanted.insert(0, (_SIGNALS_FLAG, handled, f"{name} kills it; set train.stop_signal=SIGTERM"))
+    lines = [
+        "# torchrun's stop options came in later releases: the job asks its own torchrun's --help, which",
+        "# holds for any build of its torch (a version number does not: source builds, backports).",
+        'TORCHRUN_HELP=$("$PYTHON" -m torch.distributed.run --help 2>&1)',
+        "TORCHRUN_STOP=",
+    ]
+    for (flag, release), value, without in wanted:
+        lines += [
+            "case $TORCHRUN_HELP in",
+            f'  *{flag}*) TORCHRUN_STOP+=" {flag}={value}" ;;',
+            f'  *) echo "warning: this torchrun has no {flag} (torch < {release}): {without}" ;;',
+            "esac",
+        ]
+    return lines
+
+
 def launch_training(cluster, stop_signal: str) -> list[str]:
     """srun of the trainer on every node, reading "$CONFIG"."""
     if cluster.launcher.value == "srun":
@@ -120,16 +148,16 @@ def launch_training(cluster, stop_signal: str) -> list[str]:
             "srun --kill-on-bad-exit=1 --label \\",
             '  "$PYTHON" -m bigscience_train.cli train --config-file "$CONFIG"',
         ]
-    handled = ",".join(dict.fromkeys([*_TORCHRUN_SIGNALS, stop_signal]))
     return [
         *master_address(),
+        *torchrun_stop_options(stop_signal, cluster.signal_seconds + SIGNAL_EARLY),
         "# Each rank's output lines start with [rankN].",
         "export TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[rank${rank}]: '",
+        "# TORCHRUN_STOP holds flags with plain values: unquoted, it expands into those words.",
         'srun --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run \\',
         f'  --nnodes="$SLURM_NNODES" --nproc-per-node={cluster.procs_per_node} \\',
         '  --rdzv-id="$SLURM_JOB_ID" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \\',
-        "  --max-restarts=0 --tee=3 \\",
-        f"  --signals-to-handle={handled} --shutdown-timeout={cluster.signal_seconds + SIGNAL_EARLY} \\",
+        "  --max-restarts=0 --tee=3 $TORCHRUN_STOP \\",
         '  -m bigscience_train.train --config-file "$CONFIG"',
     ]
 

@@ -1,16 +1,17 @@
 """The training loop: micro-batches with gradient accumulation, batch-size ramp-up, LR schedule, AdamW,
 gradient clipping, mixed precision, periodic validation, checkpoints and metrics.
 
-Parallelism enters through `ParallelEnv` (ranks, mesh) and the wrapped model; the loop itself is the same for
-one process and for many.
+Parallelism enters through `ParallelEnv` (ranks, mesh, layout) and `ParallelModel`, which runs every
+layout-dependent part of a step; the loop itself is the same for one process and for many. Work that is not
+training (zero-shot tasks on the live model) is attached from outside as step hooks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,6 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
 
 from bigscience_train import __version__
 from bigscience_train.carbon.aggregate import carbon_totals
@@ -26,34 +26,19 @@ from bigscience_train.carbon.tracker import NodeTracker
 from bigscience_train.checkpoint.dcp import CheckpointManager, TrainState, step_dir_name
 from bigscience_train.checkpoint.reader import resolve_checkpoint
 from bigscience_train.config import to_yaml
-from bigscience_train.data.gpt_data import build_splits
-from bigscience_train.data.sampling import collate, micro_batch_indices
+from bigscience_train.data.gpt_data import build_splits, collate
+from bigscience_train.data.sampling import micro_batch_indices
 from bigscience_train.data.tokenizer import Tokenizer
 from bigscience_train.fsutil import atomic_write_text
 from bigscience_train.last_stop import FINISHED_STOPS, write_last_stop
-from bigscience_train.metrics.flops import flops_per_iteration, peak_flops
+from bigscience_train.metrics.flops import flops_per_iteration
+from bigscience_train.metrics.peak import device_peak_flops
 from bigscience_train.metrics.writer import MetricsWriter
-from bigscience_train.model import build_on_meta, count_parameters, shape_from_config
-from bigscience_train.model.output_loss import fused_loss_applies
-from bigscience_train.parallel.build import build_parallel_model
-from bigscience_train.parallel.data import set_gradient_sync
+from bigscience_train.parallel.build import ParallelModel
 from bigscience_train.parallel.env import ParallelEnv
-from bigscience_train.parallel.pipeline import theoretical_bubble
-from bigscience_train.parallel.tensor import (
-    align_grads_with_params,
-    all_reduce_flat,
-    average_replicated_grads,
-    clip_grad_norm,
-    local_tensor,
-    loss_context,
-)
-from bigscience_train.train.denormals import flush_denormals
-from bigscience_train.train.loss import masked_lm_loss_sum
-from bigscience_train.train.precision import DynamicLossScaler, autocast
+from bigscience_train.train.precision import DynamicLossScaler
 from bigscience_train.train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples
 from bigscience_train.train.stop import StopRequests
-from evaluation.run import run_tasks, write_results
-from evaluation.tasks import task_specs
 
 # Stops that interrupt a run (it continues in a later job), in order of precedence.
 EXTERNAL_STOPS = ("kill_switch", "signal", "exit_duration")
@@ -100,9 +85,14 @@ def build_optimizer(model: torch.nn.Module, optim_cfg, device: torch.device) -> 
     )
 
 
+# Called after every optimizer step with the trainer (e.g. zero-shot evaluation every N steps).
+StepHook = Callable[["Trainer"], None]
+
+
 class Trainer:
-    def __init__(self, cfg, penv: ParallelEnv):
+    def __init__(self, cfg, penv: ParallelEnv, hooks: list[StepHook] | tuple[StepHook, ...] = ()):
         self.cfg, self.penv = cfg, penv
+        self.hooks = list(hooks)
         self.run_dir = Path(cfg.run_dir)
         self.start_time = time.monotonic()
         tr = cfg.train
@@ -112,25 +102,18 @@ class Trainer:
                 f"data.tokenizer {cfg.data.tokenizer} has {self.tokenizer.vocab_size} tokens but "
                 f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size"
             )
-        self.shape = shape_from_config(cfg.model, penv.tp)
+        self.shape = penv.dims.model_shape(cfg.model)
         if self.shape.attention == "flex" and penv.device.type == "cpu":
             raise ValueError(
                 "model.attention=flex trains on GPUs only (torch's FlexAttention has no backward on CPU); "
                 "use model.attention=sdpa"
             )
-        if tr.flush_denormals:
-            flush_denormals()
         seed_everything(tr.seed)
-        self.num_parameters = count_parameters(build_on_meta(self.shape))
-        built = build_parallel_model(self.shape, cfg.parallel, penv, tr.seed, tr.compile)
-        self.model, self.pipeline, self.fsdp = built.model, built.pipeline, built.fsdp
-        self.wrapped = self.model
-        if penv.dp > 1 and penv.tp == 1 and penv.pp == 1 and not self.fsdp:
-            self.wrapped = DistributedDataParallel(self.model, process_group=penv.dp_group())
-        self.fused_output_loss = fused_loss_applies(tr.fused_output_loss, penv.tp, penv.pp)
-        self.params = list({id(p): p for p in self.model.parameters()}.values())
-        self.optimizer = build_optimizer(self.model, cfg.optim, penv.device)
         self.dtype = cfg.precision.dtype.value
+        self.parallel = ParallelModel(self.shape, penv, tr.seed, self.dtype, tr.compile, tr.fused_output_loss)
+        self.model = self.parallel.model
+        self.num_parameters = self.parallel.num_parameters
+        self.optimizer = build_optimizer(self.model, cfg.optim, penv.device)
         self.scaler = DynamicLossScaler.from_config(cfg.precision) if self.dtype == "fp16" else None
 
         self.batch_schedule = BatchSizeSchedule.from_config(tr.global_batch_size, list(tr.rampup_batch_size))
@@ -154,13 +137,11 @@ class Trainer:
             cfg.checkpoint.keep_last,
             cfg.checkpoint.keep_every,
             cfg.checkpoint.async_save,
-            self.pipeline.optimizer_aliases() if self.pipeline else {},
+            self.parallel.optimizer_aliases(),
             cfg.checkpoint.write_threads,
         )
-        self.peak = peak_flops(cfg.cluster.device, self.dtype)
+        self.peak = device_peak_flops(penv.device, self.dtype)
         self.stop_requests = StopRequests(tr.stop_signal, tr.kill_switch)
-        # Resolved (and their data checked) now: a missing dataset fails before the first step.
-        self.task_specs = task_specs(list(tr.eval_tasks)) if tr.eval_tasks else []
         self.writer = None
         self.carbon: NodeTracker | None = None
 
@@ -173,85 +154,21 @@ class Trainer:
             batch = collate(dataset, indices)
             yield {k: v.to(self.penv.device, non_blocking=True) for k, v in batch.items()}
 
-    def _forward_backward(self, batches: list[dict], loss_scale: float, train: bool) -> torch.Tensor:
-        """Runs the micro-batches (backward too when training); returns [loss sum, token count, pipeline
-        bubble] of this rank, to be summed over the mesh."""
-        if self.pipeline is not None:
-            return self._pipeline_pass(batches, loss_scale, train)
-        total = torch.zeros(3, dtype=torch.float64, device=self.penv.device)
-        ddp = isinstance(self.wrapped, DistributedDataParallel)
-        for j, batch in enumerate(batches):
-            # DDP and FSDP reduce gradients only on the last micro-batch of the step.
-            last = j == len(batches) - 1
-            if self.fsdp and train:
-                set_gradient_sync(self.model, last)
-            no_sync = self.wrapped.no_sync() if ddp and train and not last else contextlib.nullcontext()
-            with no_sync:
-                with autocast(self.dtype, self.penv.device):
-                    if self.fused_output_loss:
-                        loss_sum, count = self.wrapped(
-                            batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"]
-                        )
-                    else:
-                        logits = self.wrapped(batch["tokens"])
-                        loss_sum, count = masked_lm_loss_sum(logits, batch["labels"], batch["loss_mask"])
-                        # Nothing saves the logits for backward: held here, they would stay alive through it.
-                        del logits
-                if train:
-                    ((loss_sum / count.clamp(min=1)) * (loss_scale / len(batches))).backward()
-            total[:2] += torch.stack([loss_sum.detach().double(), count.double()])
-        return total
-
-    def _pipeline_pass(self, batches: list[dict], loss_scale: float, train: bool) -> torch.Tensor:
-        num_micro = len(batches)
-        records: list[torch.Tensor] = []
-
-        def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            loss_sum, count = masked_lm_loss_sum(logits, target[..., 0], target[..., 1])
-            records.append(torch.stack([loss_sum.detach().double(), count.double()]))
-            return (loss_sum / count.clamp(min=1)) * (loss_scale / num_micro)
-
-        self.pipeline.loss_fn = loss_fn
-        tokens = torch.cat([b["tokens"] for b in batches])
-        # The schedule splits one target tensor into micro-batches: labels and loss mask travel together.
-        target = torch.stack(
-            [torch.cat([b["labels"] for b in batches]), torch.cat([b["loss_mask"] for b in batches]).long()],
-            -1,
-        )
-        total = torch.zeros(3, dtype=torch.float64, device=self.penv.device)
-        with autocast(self.dtype, self.penv.device):
-            total[2] = self.pipeline.run(tokens, target, num_micro, train)
-        # A new schedule's first pass also calls the loss once to infer gradient shapes: not a micro-batch.
-        for record in records[-num_micro:]:
-            total[:2] += record
-        return total
-
     def train_step(self) -> dict:
         gbs = self.batch_schedule.at(self.state.consumed_samples)
         progress = self.state.consumed_tokens if self.lr_by_tokens else self.state.consumed_samples
         lr = self.lr_schedule.at(progress)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.wrapped.train()
+        self.parallel.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_scale = self.scaler.scale if self.scaler else 1.0
         batches = list(self._micro_batches(self.splits.train, self.state.consumed_samples, gbs))
-        with loss_context(self.penv.tp):
-            total = self._forward_backward(batches, loss_scale, train=True)
+        total = self.parallel.forward_backward(batches, loss_scale, train=True)
         self.penv.all_reduce_sum(total)
         loss = (total[0] / total[1].clamp(min=1)).item()
-
-        params = [p for p in self.params if p.grad is not None]
-        self._reduce_grads(params)
-        if loss_scale != 1.0:
-            torch._foreach_mul_([local_tensor(p.grad) for p in params], 1.0 / loss_scale)
-        pipeline = self.pipeline
-        grad_norm = clip_grad_norm(
-            params,
-            self.cfg.optim.clip_grad,
-            pipeline.group if pipeline else None,
-            pipeline.duplicate() if pipeline else None,
-        )
+        params = self.parallel.reduce_gradients(loss_scale)
+        grad_norm = self.parallel.clip_grad_norm(params, self.cfg.optim.clip_grad)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         bad = self.penv.all_reduce_max([0.0 if finite else 1.0])[0] > 0
         if self.scaler is not None:
@@ -260,7 +177,6 @@ class Trainer:
             # An async checkpoint copies the weights and optimizer state aside while this step ran.
             self.checkpoints.wait_staged()
             self.optimizer.step()
-            self.checkpoints.prepare(self.model, self.optimizer)
         self.state.step += 1
         self.state.consumed_samples += gbs
         self.state.consumed_tokens += gbs * self.cfg.model.seq_length
@@ -273,38 +189,24 @@ class Trainer:
             "skipped": bad,
             "loss_scale": loss_scale,
         }
-        if pipeline is not None:
+        bubble_theory = self.parallel.bubble_theory(len(batches))
+        if bubble_theory is not None:
             out["pp_bubble"] = total[2].item() / (self.penv.pp * self.penv.dp)
-            out["pp_bubble_theory"] = theoretical_bubble(
-                self.penv.pp, len(batches), self.cfg.parallel.virtual_stages
-            )
+            out["pp_bubble_theory"] = bubble_theory
         return out
-
-    def _reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Gradients DDP or FSDP do not already average: replicated ones over TP, all of them over DP when
-        neither DDP nor FSDP runs; then the pipeline's two copies of tied embeddings get their sum."""
-        if self.penv.tp > 1:
-            align_grads_with_params(params, self.penv.mesh["tp"])
-            average_replicated_grads(params, self.penv.mesh["tp"])
-        plain_dp = not self.fsdp and not isinstance(self.wrapped, DistributedDataParallel)
-        if self.penv.dp > 1 and plain_dp:
-            all_reduce_flat([local_tensor(p.grad) for p in params], self.penv.dp_group(), self.penv.dp)
-        if self.pipeline is not None:
-            self.pipeline.sum_tied_grads()
 
     # -- validation ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict | None:
         if self.splits.valid is None or self.cfg.train.eval_iters == 0:
             return None
-        self.wrapped.eval()
+        self.parallel.train(False)
         gbs = self.cfg.train.global_batch_size
         total = torch.zeros(3, dtype=torch.float64, device=self.penv.device)
         # The same first eval_iters batches every time, so successive validation losses compare.
         for i in range(min(self.cfg.train.eval_iters, len(self.splits.valid) // gbs)):
             batches = list(self._micro_batches(self.splits.valid, i * gbs, gbs))
-            with loss_context(self.penv.tp):
-                total += self._forward_backward(batches, 1.0, train=False)
+            total += self.parallel.forward_backward(batches, 1.0, train=False)
         self.penv.all_reduce_sum(total)
         if total[1] == 0:
             return None
@@ -373,7 +275,7 @@ class Trainer:
             totals = carbon_totals(self.run_dir, None, None, None)
             if totals.runs:
                 self.writer.log(
-                    self._record(
+                    self.record(
                         "carbon", {"energy_kwh": totals.energy_kwh, "emissions_kg": totals.emissions_kg}
                     )
                 )
@@ -443,8 +345,8 @@ class Trainer:
                     window = []
                 if self.state.step % tr.eval_interval == 0:
                     last_val = self._log_eval() or last_val
-                if self.task_specs and self.state.step % tr.eval_tasks_interval == 0:
-                    self._log_tasks()
+                for hook in self.hooks:
+                    hook(self)
                 if self.state.step % cfg.checkpoint.interval == 0:
                     saved = self._save()
             if window:
@@ -479,7 +381,7 @@ class Trainer:
                 self.writer.close()
         return TrainResult(self.state, reason, first_val, last_val, saved)
 
-    def _record(self, kind: str, values: dict) -> dict:
+    def record(self, kind: str, values: dict) -> dict:
         return {
             "kind": kind,
             "step": self.state.step,
@@ -501,38 +403,16 @@ class Trainer:
         }
         if self.scaler is not None:
             values["loss_scale"] = window[-1]["loss_scale"]
-        if self.pipeline is not None:
+        if "pp_bubble" in window[-1]:
             values["pp_bubble"] = sum(w["pp_bubble"] for w in window) / n
             values["pp_bubble_theory"] = window[-1]["pp_bubble_theory"]
         if self.writer is not None:
-            self.writer.log(self._record("train", values))
-
-    def _log_tasks(self) -> None:
-        """Zero-shot tasks on the live model: metrics, and RUN/eval/step_N/ as `bigscience eval` writes it."""
-        from evaluation.lm import BigScienceLM  # lm-eval: the [eval] extra, loaded only when asked for
-
-        lm = BigScienceLM(self.model, self.tokenizer, self.penv, self.dtype, shard_requests=not self.fsdp)
-        results = run_tasks(lm, self.task_specs, 0, self.cfg.train.eval_tasks_limit, bootstrap_iters=0)
-        if self.writer is None:
-            return
-        values = {
-            f"{task}/{key.split(',')[0]}": value
-            for task, metrics in results["results"].items()
-            for key, value in metrics.items()
-            if isinstance(value, float) and "stderr" not in key
-        }
-        self.writer.log(self._record("tasks", values))
-        info = {
-            "run": str(self.run_dir),
-            "step": self.state.step,
-            "consumed_tokens": self.state.consumed_tokens,
-        }
-        write_results(self.run_dir / "eval" / step_dir_name(self.state.step), results, info)
+            self.writer.log(self.record("train", values))
 
     def _log_eval(self) -> float | None:
         values = self.evaluate()
         if values is None:
             return None
         if self.writer is not None:
-            self.writer.log(self._record("valid", values))
+            self.writer.log(self.record("valid", values))
         return values["val_loss"]

@@ -1,20 +1,8 @@
-"""Mixed precision: autocast regions with fp32 master weights, and fp16 dynamic loss scaling."""
+"""fp16 dynamic loss scaling (the autocast regions are the layout's: parallel/precision.py)."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-
-import torch
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(dtype: str, device: torch.device):
-    """Parameters and gradients stay fp32; matmuls run in bf16/fp16 inside this context."""
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[dtype])
 
 
 @dataclass

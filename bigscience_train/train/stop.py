@@ -10,16 +10,9 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+from bigscience_train.config.validate import signal_number
+
 _received: set[str] = set()
-
-
-def signal_number(name: str) -> signal.Signals:
-    """`SIGUSR1` or `USR1` as a signal; a ValueError naming the value otherwise."""
-    full = name if name.startswith("SIG") else f"SIG{name}"
-    number = getattr(signal, full, None)
-    if not isinstance(number, signal.Signals):
-        raise ValueError(f"train.stop_signal={name!r} is not a signal name (e.g. SIGUSR1)")
-    return number
 
 
 def catch(name: str) -> None:

@@ -1,10 +1,11 @@
-"""Task names to what lm-eval takes: the bundled tasks (this folder's YAML, with its data files made absolute)
-as config dicts, standard lm-eval tasks by name once their Hugging Face dataset is known to be in the local
-cache. Compute nodes have no internet: a missing dataset fails here, at once, with how to fetch it."""
+"""Task names to what lm-eval takes: the bundled tasks (this folder's YAML, read as lm-eval reads it) as config
+dicts, standard lm-eval tasks by name once their Hugging Face dataset is known to be in the local cache.
+Compute nodes have no internet: a missing dataset fails here, at once, with how to fetch it."""
 
 from __future__ import annotations
 
 import functools
+import importlib
 from pathlib import Path
 
 import yaml
@@ -20,12 +21,21 @@ def bundled() -> dict[str, Path]:
     return {path.stem: path for path in sorted(HERE.glob("*.yaml"))}
 
 
+class _TaskLoader(yaml.SafeLoader):
+    """YAML with lm-eval's `!function module.name` tag, for functions in this package's modules (lm-eval's own
+    loader is in lm_eval.tasks, whose import takes seconds)."""
+
+
+def _function(loader: yaml.SafeLoader, node: yaml.Node):
+    module, _, name = loader.construct_scalar(node).rpartition(".")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+_TaskLoader.add_constructor("!function", _function)
+
+
 def bundled_config(path: Path) -> dict:
-    config = yaml.safe_load(path.read_text())
-    files = config.get("dataset_kwargs", {}).get("data_files", {})
-    for split, name in files.items():
-        files[split] = str(path.parent / name)
-    return config
+    return yaml.load(path.read_text(), Loader=_TaskLoader)
 
 
 @functools.cache

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
+from bigscience_train.parallel.dims import ParallelDims
 from bigscience_train.parallel.env import init_parallel
 from bigscience_train.plan.estimate import layout_of, make_plan
 from bigscience_train.train.loop import Trainer
@@ -32,7 +33,7 @@ def measure_memory(cfg, steps: int = 2) -> MemoryCheck:
     """Peak bytes the trainer allocated over `steps` steps after the first, against the plan's peak."""
     if cfg.train.global_batch_size != cfg.train.micro_batch_size or cfg.train.rampup_batch_size:
         raise ValueError("measure one micro batch per step: MemTracker follows one forward per module")
-    trainer = Trainer(cfg, init_parallel(1, 1, None))
+    trainer = Trainer(cfg, init_parallel(ParallelDims.from_config(cfg, 1)))
     trainer.train_step()
     tracker = MemTracker()
     tracker.track_external(trainer.model, trainer.optimizer)
