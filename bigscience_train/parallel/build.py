@@ -74,10 +74,8 @@ class ParallelModel:
             self.model: GPT = self.pipeline.model
         else:
             self.model = parts[0]
-        # DDP buckets and overlaps the gradient all-reduce with backward where it applies: whole replicas of a
-        # model that is neither tensor- nor pipeline-parallel. Other layouts average over dp after backward.
         self.ddp: DistributedDataParallel | None = None
-        if dims.replicas and dims.tp == 1 and dims.pp == 1:
+        if dims.ddp:
             self.ddp = DistributedDataParallel(self.model, process_group=penv.dp_group())
         self.fused_output_loss = dims.fused_output_loss(fused_output_loss)
         self.params = list({id(p): p for p in self.model.parameters()}.values())
@@ -94,7 +92,7 @@ class ParallelModel:
         """Runs the micro-batches (backward too when training, each loss multiplied by loss_scale and divided
         by their count); returns [loss sum, token count, pipeline idle fraction] of this rank, to be summed
         over the mesh (`penv.all_reduce_sum`)."""
-        with loss_context(self.dims.tp), autocast(self.dtype, self.penv.device):
+        with loss_context(self.dims.vocab_parallel), autocast(self.dtype, self.penv.device):
             if self.pipeline is not None:
                 return self._pipeline_pass(batches, loss_scale, train)
             return self._micro_batch_loop(batches, loss_scale, train)
@@ -165,7 +163,7 @@ class ParallelModel:
         if self.dims.tp > 1:
             align_grads_with_params(params, self.penv.mesh["tp"])
             average_replicated_grads(params, self.penv.mesh["tp"])
-        if self.dims.replicas and self.ddp is None:
+        if self.dims.replicas and not self.dims.ddp:
             all_reduce_flat([local_tensor(p.grad) for p in params], self.penv.dp_group(), self.dims.dp)
         if self.pipeline is not None:
             self.pipeline.sum_tied_grads()

@@ -68,6 +68,12 @@ class ParallelDims:
         return self.dp > 1 and self.dp_shard == "none"
 
     @property
+    def ddp(self) -> bool:
+        """Replicas wrapped in DDP, which buckets the gradient all-reduce and overlaps it with backward: models
+        neither tensor- nor pipeline-parallel. Other replicas average their gradients after backward."""
+        return self.replicas and self.tp == 1 and self.pp == 1
+
+    @property
     def vocab_parallel(self) -> bool:
         """The output layer's logits are split over the vocabulary (tensor parallelism): the loss runs under
         loss_parallel, and no rank holds whole logits."""

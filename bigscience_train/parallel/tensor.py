@@ -100,9 +100,9 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def loss_context(tp: int):
+def loss_context(vocab_parallel: bool):
     """Vocab-sharded logits need loss_parallel around both the loss and its backward."""
-    return loss_parallel() if tp > 1 else contextlib.nullcontext()
+    return loss_parallel() if vocab_parallel else contextlib.nullcontext()
 
 
 def replicated_over_tp(t: torch.Tensor) -> bool:
