@@ -210,7 +210,7 @@ def test_same_results_at_every_layout_and_a_run_is_evaluated_once(tiny_data, tra
     report = run_cli(["report", str(trained_run)])
     assert report.returncode == 0, report.stderr
     assert "stdlib_choice" in (trained_run / "report" / "index.html").read_text()
-    assert (trained_run / "report" / "eval.png").is_file()
+    assert "stdlib_choice acc" in (trained_run / "report" / "figures.svg").read_text()
 
 
 def test_our_adapter_and_lm_evals_hf_backend_agree_on_the_exported_model(trained_run, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""`bigscience report RUN`: RUN/report/index.html (self-contained: figures inlined), the PNGs beside it, and a
-one-screen summary for the terminal."""
+"""`bigscience report RUN`: RUN/report/index.html (self-contained: the figure inlined), the figure's SVG beside
+it, and a one-screen summary for the terminal."""
 
 from __future__ import annotations
 
@@ -8,18 +8,8 @@ import html
 from pathlib import Path
 
 from bigscience_train.fsutil import atomic_write_text
-from bigscience_train.report.plots import write_plots
+from bigscience_train.report.plots import TITLES, write_figure
 from bigscience_train.report.run_data import RunData, read_run
-
-TITLES = {
-    "loss": "Training and validation loss",
-    "learning_rate": "Learning rate",
-    "batch_size": "Batch size ramp-up",
-    "throughput": "Tokens/s and MFU",
-    "grad_norm": "Gradient norm",
-    "carbon": "Energy and CO2",
-    "eval": "Evaluation scores",
-}
 
 
 def summary_rows(data: RunData) -> list[tuple[str, str]]:
@@ -93,15 +83,16 @@ def _eval_table(data: RunData) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def render_html(data: RunData, plots: dict[str, Path]) -> str:
+def render_html(data: RunData, figure: Path, panels: list[str]) -> str:
     rows = "".join(
         f"<tr><th>{html.escape(label)}</th><td>{html.escape(value)}</td></tr>"
         for label, value in summary_rows(data)
     )
-    figures = "".join(
-        f"<figure><img alt='{name}' src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
-        f"<figcaption>{TITLES[name]}</figcaption></figure>"
-        for name, path in plots.items()
+    captions = "; ".join(TITLES[name] for name in panels)
+    image = base64.b64encode(figure.read_bytes()).decode()
+    figures = (
+        f"<figure><img alt='{html.escape(captions)}' src='data:image/svg+xml;base64,{image}'>"
+        f"<figcaption>{html.escape(captions)}</figcaption></figure>"
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Run report: {html.escape(data.name)}</title>
@@ -109,8 +100,8 @@ def render_html(data: RunData, plots: dict[str, Path]) -> str:
 body {{ font-family: sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
 th, td {{ text-align: left; padding: 0.25em 0.8em; border-bottom: 1px solid #ddd; }}
-figure {{ display: inline-block; margin: 0.5em; }}
-img {{ max-width: 680px; }}
+figure {{ margin: 0.5em 0; }}
+img {{ max-width: 100%; }}
 </style></head>
 <body>
 <h1>Run report: {html.escape(data.name)}</h1>
@@ -128,7 +119,7 @@ def build_report(run_dir: Path) -> tuple[Path, str]:
     """Writes RUN/report/ and returns (index.html, terminal summary)."""
     data = read_run(Path(run_dir))
     out = Path(run_dir) / "report"
-    plots = write_plots(data, out)
+    figure, panels = write_figure(data, out)
     index = out / "index.html"
-    atomic_write_text(index, render_html(data, plots))
+    atomic_write_text(index, render_html(data, figure, panels))
     return index, summary_text(data)

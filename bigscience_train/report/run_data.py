@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
 
 from bigscience_train.carbon.aggregate import CarbonTotals, carbon_totals
 from bigscience_train.plan.hardware import DEVICES
@@ -72,7 +72,10 @@ def read_run(run_dir: Path) -> RunData:
     run_dir = Path(run_dir)
     train, valid = read_metrics(run_dir)
     config_path = run_dir / "config.yaml"
-    config = OmegaConf.to_container(OmegaConf.load(config_path)) if config_path.is_file() else {}
+    config: dict = {}
+    if config_path.is_file():
+        # libyaml's safe loader gives OmegaConf's dict (interpolations as written) without OmegaConf's import.
+        config = yaml.load(config_path.read_text(), Loader=yaml.CSafeLoader) or {}
     cluster = config.get("cluster", {})
     device = DEVICES.get(cluster.get("device", ""))
     tdp = cluster.get("tdp_watts") or (device.tdp_watts if device else None)
