@@ -12,10 +12,17 @@ from bigscience_train.fsutil import atomic_write_text
 LAST_STOP_FILE = "last_stop.json"
 # Stops that end a run; any other (signal, kill switch, time guard) interrupts it.
 FINISHED_STOPS = ("iters", "tokens")
+# Stops of a run that cannot go on as it is (the trainer's NonFiniteLossError): its chain ends, not resumes.
+FAILED_STOPS = ("nonfinite", "loss_scale_floor")
 
 
 def write_last_stop(
-    run_dir: Path, reason: str, step: int, consumed_tokens: int, checkpoint: str | None
+    run_dir: Path,
+    reason: str,
+    step: int,
+    consumed_tokens: int,
+    checkpoint: str | None,
+    error: str | None = None,
 ) -> None:
     record = {
         "reason": reason,
@@ -25,6 +32,8 @@ def write_last_stop(
         "checkpoint": checkpoint,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if error is not None:
+        record["error"] = error
     atomic_write_text(Path(run_dir) / LAST_STOP_FILE, json.dumps(record, indent=2) + "\n")
 
 

@@ -10,6 +10,7 @@ import torch
 from bigscience_train.model.gpt import GPT
 from bigscience_train.model.shape import GPTShape
 from tests.conftest import data_overrides, read_metrics, run_cli
+from tests.test_sharded_build import MIB, build_rank, data_parallel_traffic
 from tests.test_train import FAST
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -75,3 +76,23 @@ def test_compiled_blocks_with_flex_attention_train_like_eager_sdpa(tiny_data, tm
     cli_train(tiny_data, tmp_path / "eager", *common)
     cli_train(tiny_data, tmp_path / "compiled", *common, "train.compile=true", "model.attention=flex")
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=2e-2)
+
+
+@pytest.mark.parametrize(
+    "model, tp, pp, dp, zero, rank", [("gpt_1b3", 4, 1, 8, "zero3", 5), ("tr1_13b", 2, 4, 64, "zero1", 0)]
+)
+def test_a_rank_allocates_its_shard_on_the_gpu(model, tp, pp, dp, zero, rank):
+    report = build_rank(model, tp, pp, dp, zero, rank, "cuda")
+    assert report["grown"] <= 1.5 * report["held"] + 64 * MIB, report
+
+
+def test_zero1_and_zero3_steps_on_cuda_move_the_training_dtype():
+    got = data_parallel_traffic(["zero1:bf16:fp32", "zero3:fp16:fp32"], "cuda")
+    assert {k for k in got["zero1:bf16:fp32"] if k != "largest"} == {
+        "all_gather bfloat16",
+        "reduce_scatter float32",
+    }
+    assert {k for k in got["zero3:fp16:fp32"] if k != "largest"} == {
+        "all_gather float16",
+        "reduce_scatter float32",
+    }

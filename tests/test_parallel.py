@@ -2,11 +2,14 @@
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
+from torch.autograd import Variable
 
 from bigscience_train.checkpoint.reader import iter_model_tensors, resolve_checkpoint
+from bigscience_train.parallel.comm_wait import CommWait
 from tests.conftest import data_overrides, read_metrics, run_cli, run_script
 
 COMMON = [
@@ -77,6 +80,13 @@ LAYOUTS = {
         ],
         4,
     ),
+    "(1,1,2)-zero1": (["parallel.dp_shard=zero1"], 2),
+    "(2,1,2)-zero1": (["parallel.tp=2", "parallel.dp_shard=zero1"], 4),
+    "(1,2,2)-zero1": (["parallel.pp=2", "train.micro_batch_size=1", "parallel.dp_shard=zero1"], 4),
+    "(2,2,2)-zero1": (
+        ["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1", "parallel.dp_shard=zero1"],
+        8,
+    ),
     "(2,1,1)-sp": (["parallel.tp=2", "parallel.sequence_parallel=true"], 2),
     "(2,2,1)-sp": (["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], 4),
 }
@@ -96,6 +106,10 @@ COMPARED = [
     "(1,2,2)-zero2",
     "(1,2,2)-zero3-interleaved",
     "(2,2,1)-sp",
+    "(1,1,2)-zero1",
+    "(2,1,2)-zero1",
+    "(1,2,2)-zero1",
+    "(2,2,2)-zero1",
 ]
 
 
@@ -108,6 +122,8 @@ def test_parallel_layouts_match_single_process(tiny_data, tmp_path, single, layo
     tp, pp, dp = (int(n) for n in layout[1:6].split(","))
     assert f"(tp={tp} pp={pp} dp={dp})" in out.stdout
     assert_same_run(run, single)
+    # Every layout of several ranks waits on some collective after backward (the loss totals at least).
+    assert all(r["comm_wait"] > 0 for r in read_metrics(run))
     if pp > 1:
         record = read_metrics(run)[-1]
         micro = record["batch_size"] // ((1 if "train.micro_batch_size=1" in overrides else 2) * dp)
@@ -167,21 +183,49 @@ def saved_at_tp2_pp2(tiny_data, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("layout", ["(1,1,1)", "(1,1,4)", "(2,1,2)-zero3", "(1,2,2)"])
-def test_checkpoint_saved_at_tp2_pp2_resumes_at_other_layouts(
-    tiny_data, tmp_path, single, saved_at_tp2_pp2, layout
-):
-    overrides, nproc = {
-        "(1,1,1)": ([], 1),
-        "(1,1,4)": (["train.micro_batch_size=1"], 4),
-        **LAYOUTS,
-    }[layout]
+@pytest.fixture(scope="module")
+def saved_at_zero1(tiny_data, tmp_path_factory):
+    """A run cut after 3 steps at (tp, pp, dp) = (2, 1, 2) with ZeRO-1 (sharded optimizer states)."""
+    run = tmp_path_factory.mktemp("zero1") / "run"
+    out = run_cli(
+        [
+            "train",
+            *COMMON,
+            *LAYOUTS["(2,1,2)-zero1"][0],
+            "train.exit_interval=3",
+            *data_overrides(tiny_data, run),
+        ],
+        nproc=4,
+    )
+    assert out.returncode == 0, out.stderr
+    return run
+
+
+RESUMED_AT = {"(1,1,1)": ([], 1), "(1,1,4)": (["train.micro_batch_size=1"], 4), **LAYOUTS}
+
+
+def resume_matches_single(tiny_data, tmp_path, single, saved, layout):
+    overrides, nproc = RESUMED_AT[layout]
     run = tmp_path / "run"
-    shutil.copytree(saved_at_tp2_pp2, run)
+    shutil.copytree(saved, run)
     out = run_cli(["train", *COMMON, *overrides, *data_overrides(tiny_data, run)], nproc=nproc)
     assert out.returncode == 0, out.stderr
     assert "resumed from" in out.stdout
     assert_same_run(run, single)
+
+
+@pytest.mark.parametrize("layout", ["(1,1,1)", "(1,1,4)", "(2,1,2)-zero3", "(1,2,2)", "(1,2,2)-zero1"])
+def test_checkpoint_saved_at_tp2_pp2_resumes_at_other_layouts(
+    tiny_data, tmp_path, single, saved_at_tp2_pp2, layout
+):
+    resume_matches_single(tiny_data, tmp_path, single, saved_at_tp2_pp2, layout)
+
+
+@pytest.mark.parametrize("layout", ["(1,1,1)", "(1,1,4)"])
+def test_zero1_checkpoint_resumes_at_other_layouts_and_dp_sizes(
+    tiny_data, tmp_path, single, saved_at_zero1, layout
+):
+    resume_matches_single(tiny_data, tmp_path, single, saved_at_zero1, layout)
 
 
 def fault_run(tiny_data, run, layout, precision, fault, rank, steps, *extra):
@@ -218,6 +262,39 @@ def test_nan_loss_on_one_rank_skips_everywhere_then_stops_every_rank(tiny_data, 
     assert all("3 consecutive steps had a non-finite loss" in r["error"] for r in report)
 
 
+def test_fp16_overflows_at_the_minimum_loss_scale_stop_the_run(tiny_data, tmp_path):
+    """Overflows from step 2 on: the scale halves 4 -> 2 -> 1 (steps 2 and 3 are the scaler's to cure), then
+    two overflows at the minimum scale stop every rank instead of skipping to the end, and last_stop.json
+    says why, so the chain ends."""
+    run = tmp_path / "run"
+    report = fault_run(
+        tiny_data,
+        run,
+        "(2,1,1)",
+        "fp16",
+        "grad",
+        1,
+        "2-",
+        "precision.hysteresis=1",
+        "precision.initial_scale_power=2",
+        "precision.min_scale_patience=2",
+    )
+    assert [r["skipped"] for r in report] == [[2, 3, 4, 5]] * 2
+    message = "2 consecutive fp16 gradient overflows at the minimum loss scale 1"
+    assert all(message in r["error"] and "last at step 5" in r["error"] for r in report)
+    last = json.loads((run / "last_stop.json").read_text())
+    assert last["reason"] == "loss_scale_floor" and last["step"] == 5 and message in last["error"]
+
+
+def test_nan_loss_in_fp16_stops_like_in_other_precisions(tiny_data, tmp_path):
+    report = fault_run(
+        tiny_data, tmp_path / "run", "(2,1,1)", "fp16", "loss", 0, "2-", "train.max_consecutive_nonfinite=3"
+    )
+    assert [r["skipped"] for r in report] == [[2, 3, 4]] * 2
+    assert all("3 consecutive steps had a non-finite loss" in r["error"] for r in report)
+    assert json.loads((tmp_path / "run" / "last_stop.json").read_text())["reason"] == "nonfinite"
+
+
 def test_more_ranks_than_gpus_on_a_node_is_a_clear_error(monkeypatch):
     from bigscience_train.parallel.env import rank_device
 
@@ -229,3 +306,24 @@ def test_more_ranks_than_gpus_on_a_node_is_a_clear_error(monkeypatch):
         RuntimeError, match=r"local rank 1 has no GPU: this node shows 1 \(CUDA_VISIBLE_DEVICES=3\)"
     ):
         rank_device(1)
+
+
+def test_comm_wait_counts_the_reductions_after_backward_not_backward_itself():
+    """An FSDP-like callback queued during backward (the reductions' finish) is counted; slow computation
+    in backward is not."""
+    wait = CommWait(torch.device("cpu"))
+    x = torch.ones(4, requires_grad=True)
+    hidden = x * 2
+
+    def slow_compute_then_queue_reductions(grad):
+        time.sleep(1.0)
+        Variable._execution_engine.queue_callback(lambda: time.sleep(0.2))
+        return grad
+
+    hidden.register_hook(slow_compute_then_queue_reductions)
+    loss = hidden.sum()
+    wait.time_backward_tail(loss)
+    loss.backward()
+    seconds = wait.take()
+    assert 0.2 <= seconds < 1.0
+    assert wait.take() == 0.0

@@ -57,6 +57,15 @@ def test_tr1_13b_on_jean_zay_v100_matches_what_bigscience_measured():
     assert plan.time.iteration == pytest.approx(13.25, rel=0.20)
 
 
+def test_bigscience_layouts_fit_with_zero1_as_they_did():
+    """tr1-13B trained at TP2 PP4 DP64 on 32 GB V100s with ZeRO-1: its optimizer states do not fit unsharded."""
+    replicas, zero1 = plan_of(TR1_13B), plan_of([*TR1_13B, "parallel=tr1_13b"])
+    assert zero1.layout.dims.dp_shard == "zero1" and zero1.world == 512
+    assert replicas.fits is False and zero1.fits is True
+    assert zero1.memory.terms["optimizer states"] == 8 * zero1.memory.parameters_per_rank / 64
+    assert plan_of(BLOOM_176B).layout.dims.dp_shard == "zero1"
+
+
 def test_bloom_176b_on_jean_zay_a100_matches_what_bigscience_measured():
     # Measured: 149-150 TFLOP/s per GPU, about 105 s per iteration.
     plan = plan_of(BLOOM_176B)

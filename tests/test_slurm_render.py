@@ -288,6 +288,12 @@ def test_chain_decisions(tmp_path):
     (run / "kill-switch").touch()
     code, message = decide(run, 0, str(run / "kill-switch"), chain=False)
     assert code == 0 and "kill switch" in message
+    (run / "kill-switch").unlink()
+    error = "5 consecutive fp16 gradient overflows at the minimum loss scale 1"
+    write_last_stop(run, "loss_scale_floor", 140, 7000, "step_0000100", error=error)
+    code, message = decide(run, 1, None, chain=False)
+    assert code == 1 and "training failed at step 140" in message and error in message
+    assert "not resumed" in message
 
 
 def test_train_reads_a_resolved_config_file(tiny_data, tmp_path):

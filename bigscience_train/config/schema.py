@@ -32,6 +32,7 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
 class DataParallelShard(str, Enum):
     none = "none"
+    zero1 = "zero1"
     zero2 = "zero2"
     zero3 = "zero3"
 
@@ -69,7 +70,12 @@ class ParallelConfig:
     # Count the embedding and the output layer as one transformer layer each when balancing stages
     # (BigScience's partition method type:transformer|embedding): (layers + 2) % (pp * virtual_stages) == 0.
     pp_count_embeddings: bool = False
+    # none: replicas; zero1: optimizer states and fp32 masters sharded over dp (BigScience's layout); zero2:
+    # gradients too; zero3: parameters too (parallel/data.py).
     dp_shard: DataParallelShard = DataParallelShard.none
+    # The dtype gradients are averaged over dp in; with bf16 or fp16 training, FSDP also gathers parameters
+    # in the training dtype.
+    reduce_dtype: Dtype = Dtype.fp32
     recompute: Recompute = Recompute.none
 
 
@@ -81,6 +87,8 @@ class PrecisionConfig:
     loss_scale_window: int = 500
     hysteresis: int = 2
     min_loss_scale: float = 1.0
+    # Stop after this many consecutive gradient overflows at min_loss_scale: no smaller scale can cure them.
+    min_scale_patience: int = 5
 
 
 @dataclass
@@ -145,7 +153,8 @@ class TrainConfig:
     load: str | None = None
     # ...its weights only, with a fresh optimizer at step 0 (fine-tuning), rather than its whole state.
     finetune: bool = False
-    # Stop with an error after this many consecutive non-finite losses (each such step is skipped).
+    # Stop with an error after this many consecutive non-finite losses (each such step is skipped; in fp32 and
+    # bf16 non-finite gradients too: fp16 overflows are the loss scaler's, see precision.min_scale_patience).
     max_consecutive_nonfinite: int = 5
     # The signal that asks for a checkpoint and a clean exit at the next step boundary (Slurm sends it
     # before the wall-clock limit: --signal); the next job of a chain resumes from it.

@@ -8,7 +8,6 @@ outside (bigscience_train/parallel).
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 
 from bigscience_train.model import positions
 from bigscience_train.model.attention import AttentionMask, causal_attention, causal_mask
+from bigscience_train.model.init import LocalPart, normal_part, whole
 from bigscience_train.model.output_loss import matmul_dtype, output_layer_loss
 from bigscience_train.model.shape import GPTShape
 
@@ -83,13 +83,6 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(shape.hidden_size, eps=shape.layernorm_epsilon)
 
 
-def parameter_seed(seed: int, name: str) -> int:
-    """Each parameter draws from its own generator, seeded by the run's seed and its name: the weights are
-    the same whichever pipeline stage builds them, in whatever order."""
-    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
 class GPT(nn.Module):
     def __init__(self, shape: GPTShape, device: torch.device | str | None = None, seed: int = 0):
         """Built on the meta device, then (unless `device` is meta) allocated on `device` and initialised,
@@ -98,6 +91,8 @@ class GPT(nn.Module):
         self.shape = shape
         # Sequence parallelism hands hidden states split along the sequence into this many parts.
         self.sequence_shards = 1
+        # The attention heads whose ALiBi slopes this model holds: all of them unless tensor-parallel.
+        self.local_heads = range(shape.num_heads)
         self.mask_cache: tuple | None = None
         with torch.device("meta"):
             self.transformer = Transformer(shape)
@@ -134,19 +129,24 @@ class GPT(nn.Module):
         return self
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> None:
+    def init_weights(self, seed: int = 0, local_part: LocalPart = whole) -> None:
         """Megatron's init: N(0, std) weights, output projections scaled by 1/sqrt(2 * layers), zero biases.
 
         Call after building on the meta device and `to_empty(device=...)`: it also re-ties the embeddings
-        (to_empty replaces parameters) and fills the non-persistent buffers.
+        (to_empty replaces parameters) and fills the non-persistent buffers. `local_part` gives the part of
+        each parameter this process holds and where it sits (model/init.py): a sharded parameter gets the
+        values the whole one has there.
         """
         std = self.shape.init_std
         out_std = std / math.sqrt(2.0 * self.shape.num_layers)
         self._tie_embeddings()
 
         def normal_(weight: torch.Tensor, name: str, std: float) -> None:
-            generator = torch.Generator(weight.device).manual_seed(parameter_seed(seed, name))
-            weight.normal_(mean=0.0, std=std, generator=generator)
+            local, offset = local_part(weight)
+            normal_part(local, weight.shape, offset, std, seed, name)
+
+        def fill_(param: torch.Tensor, value: float) -> None:
+            local_part(param)[0].fill_(value)
 
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -155,18 +155,25 @@ class GPT(nn.Module):
                 weight_name = "transformer.word_embeddings.weight" if tied else f"{name}.weight"
                 normal_(module.weight, weight_name, out_std if is_output else std)
                 if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                    fill_(module.bias, 0.0)
             elif isinstance(module, nn.Embedding):
                 normal_(module.weight, f"{name}.weight", std)
             elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+                fill_(module.weight, 1.0)
+                fill_(module.bias, 0.0)
         self.init_buffers()
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        self.alibi_slopes.copy_(positions.alibi_slopes(self.shape.num_heads))
+        heads = self.local_heads
+        self.alibi_slopes.copy_(positions.alibi_slopes(self.shape.num_heads)[heads.start : heads.stop])
         self.rotary_inv_freq.copy_(positions.rotary_inv_freq(self.shape.head_dim, self.shape.rotary_base))
+
+    def hold_heads(self, heads: range) -> None:
+        """Keeps the ALiBi slopes of only these attention heads (a tensor-parallel rank's)."""
+        self.local_heads = heads
+        slopes = self.alibi_slopes
+        self.register_buffer("alibi_slopes", slopes[heads.start : heads.stop].clone(), persistent=False)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         t = self.transformer

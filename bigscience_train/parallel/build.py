@@ -1,22 +1,21 @@
 """A GPT made parallel for this process's place in the mesh, and the one interface training and evaluation run it
-through. The whole model, or this rank's pipeline stages, each built on the meta device, allocated and
-initialised on its own, then made recomputing, tensor-parallel, compiled and data-parallel from outside.
+through. The whole model, or this rank's pipeline stages, each built on the meta device and made
+recomputing, tensor-parallel, compiled and data-parallel from outside; only then is storage allocated, for
+this rank's shards alone, and initialised with the values the whole model has there (model/init.py).
 
 `ParallelModel` owns every layout-dependent step of a training step: the micro-batch loop (or the pipeline
 schedule), data-parallel gradient synchronisation, the vocab-parallel loss context, the gradient reductions
-DDP and FSDP do not do, and clipping. The trainer calls it the same way for every layout.
+FSDP does not do, and clipping. The trainer calls it the same way for every layout.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from bigscience_train.model.gpt import GPT, build_on_meta, count_parameters, materialize
+from bigscience_train.model.gpt import GPT, build_on_meta, count_parameters
 from bigscience_train.model.shape import GPTShape
-from bigscience_train.parallel.data import apply_fsdp
+from bigscience_train.parallel.comm_wait import CommWait
+from bigscience_train.parallel.data import apply_data_parallel, sync_micro_batch
 from bigscience_train.parallel.env import ParallelEnv
 from bigscience_train.parallel.loss import masked_lm_loss_sum
 from bigscience_train.parallel.pipeline import Pipeline, local_stage_ids, stage_layers, theoretical_bubble
@@ -24,10 +23,10 @@ from bigscience_train.parallel.precision import autocast
 from bigscience_train.parallel.recompute import apply_recompute
 from bigscience_train.parallel.tensor import (
     align_grads_with_params,
-    all_reduce_flat,
     apply_tensor_parallel,
     average_replicated_grads,
     clip_grad_norm,
+    local_part,
     local_tensor,
     loss_context,
 )
@@ -55,7 +54,6 @@ class ParallelModel:
         else:
             parts = [build_on_meta(shape)]
         for part in parts:
-            materialize(part, penv.device, seed)
             apply_recompute(part, dims.recompute)
             if dims.tp > 1:
                 apply_tensor_parallel(part, penv.mesh["tp"], dims.sequence_parallel)
@@ -63,8 +61,10 @@ class ParallelModel:
                 # In place (Module.compile): parameter names, and so checkpoints, stay the same.
                 for block in part.transformer.h.values():
                     block.compile()
-            if dims.fsdp:
-                apply_fsdp(part, penv.mesh["dp"], dims.dp_shard)
+            if dims.dp > 1:
+                apply_data_parallel(part, penv.mesh["dp"], dims.dp_shard, dtype, dims.reduce_dtype)
+            part.to_empty(device=penv.device)
+            part.init_weights(seed, local_part)
         self.pipeline: Pipeline | None = None
         if dims.pp > 1:
             self.pipeline = Pipeline(
@@ -74,10 +74,8 @@ class ParallelModel:
             self.model: GPT = self.pipeline.model
         else:
             self.model = parts[0]
-        self.ddp: DistributedDataParallel | None = None
-        if dims.ddp:
-            self.ddp = DistributedDataParallel(self.model, process_group=penv.dp_group())
         self.fused_output_loss = dims.fused_output_loss(fused_output_loss)
+        self.comm_wait = CommWait(penv.device)
         self.params = list({id(p): p for p in self.model.parameters()}.values())
 
     # -- what checkpoints and the optimizer need ----------------------------------------------------------
@@ -85,7 +83,7 @@ class ParallelModel:
         return self.pipeline.optimizer_aliases() if self.pipeline is not None else {}
 
     def train(self, mode: bool = True) -> None:
-        (self.ddp or self.model).train(mode)
+        self.model.train(mode)
 
     # -- one pass over a batch ---------------------------------------------------------------------------
     def forward_backward(self, batches: list[dict], loss_scale: float, train: bool) -> torch.Tensor:
@@ -99,32 +97,23 @@ class ParallelModel:
 
     def _micro_batch_loop(self, batches: list[dict], loss_scale: float, train: bool) -> torch.Tensor:
         total = torch.zeros(3, dtype=torch.float64, device=self.penv.device)
-        module = self.ddp or self.model
+        model = self.model
         for j, batch in enumerate(batches):
-            with self._gradient_sync(train and j == len(batches) - 1, train):
-                if self.fused_output_loss:
-                    loss_sum, count = module(
-                        batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"]
-                    )
-                else:
-                    logits = module(batch["tokens"])
-                    loss_sum, count = masked_lm_loss_sum(logits, batch["labels"], batch["loss_mask"])
-                    # Nothing saves the logits for backward: held here, they would stay alive through it.
-                    del logits
-                if train:
-                    ((loss_sum / count.clamp(min=1)) * (loss_scale / len(batches))).backward()
+            if train and self.dims.dp > 1:
+                sync_micro_batch(model, self.dims.dp_shard, last=j == len(batches) - 1)
+            if self.fused_output_loss:
+                loss_sum, count = model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+            else:
+                logits = model(batch["tokens"])
+                loss_sum, count = masked_lm_loss_sum(logits, batch["labels"], batch["loss_mask"])
+                # Nothing saves the logits for backward: held here, they would stay alive through it.
+                del logits
+            if train:
+                loss = (loss_sum / count.clamp(min=1)) * (loss_scale / len(batches))
+                self.comm_wait.time_backward_tail(loss)
+                loss.backward()
             total[:2] += torch.stack([loss_sum.detach().double(), count.double()])
         return total
-
-    def _gradient_sync(self, last: bool, train: bool):
-        """DDP and FSDP reduce gradients only on the step's last micro-batch."""
-        if not train:
-            return contextlib.nullcontext()
-        if self.dims.fsdp:
-            self.model.set_requires_gradient_sync(last)
-        if self.ddp is not None and not last:
-            return self.ddp.no_sync()
-        return contextlib.nullcontext()
 
     def _pipeline_pass(self, batches: list[dict], loss_scale: float, train: bool) -> torch.Tensor:
         num_micro = len(batches)
@@ -144,6 +133,7 @@ class ParallelModel:
         )
         total = torch.zeros(3, dtype=torch.float64, device=self.penv.device)
         total[2] = self.pipeline.run(tokens, target, num_micro, train)
+        self.comm_wait.seconds += self.pipeline.reduce_seconds
         # A new schedule's first pass also calls the loss once to infer gradient shapes: not a micro-batch.
         for record in records[-num_micro:]:
             total[:2] += record
@@ -156,17 +146,16 @@ class ParallelModel:
 
     # -- gradients ---------------------------------------------------------------------------------------
     def reduce_gradients(self, loss_scale: float) -> list[torch.nn.Parameter]:
-        """Completes this step's gradients: those DDP or FSDP do not already average (replicated ones over tp;
-        all of them over dp where neither runs), the pipeline's two copies of tied embeddings summed, and the
-        loss scale divided out. Returns the parameters that have a gradient."""
+        """Completes this step's gradients (FSDP averaged them over dp during backward): the parameters the TP
+        plan leaves whole averaged over tp, the pipeline's two copies of tied embeddings summed, and the loss
+        scale divided out. Returns the parameters that have a gradient."""
         params = [p for p in self.params if p.grad is not None]
-        if self.dims.tp > 1:
-            align_grads_with_params(params, self.penv.mesh["tp"])
-            average_replicated_grads(params, self.penv.mesh["tp"])
-        if self.dims.replicas and not self.dims.ddp:
-            all_reduce_flat([local_tensor(p.grad) for p in params], self.penv.dp_group(), self.dims.dp)
-        if self.pipeline is not None:
-            self.pipeline.sum_tied_grads()
+        with self.comm_wait.blocking():
+            if self.dims.tp > 1:
+                align_grads_with_params(params, self.penv.mesh["tp"])
+                average_replicated_grads(params, self.penv.mesh["tp"])
+            if self.pipeline is not None:
+                self.pipeline.sum_tied_grads()
         if loss_scale != 1.0:
             torch._foreach_mul_([local_tensor(p.grad) for p in params], 1.0 / loss_scale)
         return params
@@ -174,9 +163,10 @@ class ParallelModel:
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
         """The global gradient norm over every rank's parameters (each counted once), clipped to max_norm."""
         pipeline = self.pipeline
-        return clip_grad_norm(
-            params,
-            max_norm,
-            pipeline.group if pipeline else None,
-            pipeline.duplicate() if pipeline else None,
-        )
+        with self.comm_wait.blocking():
+            return clip_grad_norm(
+                params,
+                max_norm,
+                pipeline.group if pipeline else None,
+                pipeline.duplicate() if pipeline else None,
+            )

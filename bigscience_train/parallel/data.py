@@ -1,21 +1,50 @@
-"""Sharded data parallelism with FSDP2 (`fully_shard`) over the mesh's dp dimension, composable with TP.
+"""Data parallelism over the mesh's dp dimension with FSDP2, for every layout (composable with TP and PP).
 
-zero3: parameters, gradients and optimizer state sharded; parameters re-gathered for backward.
-zero2: the same, but parameters stay gathered from forward to backward (reshard_after_forward=False), which
-trades memory for one all-gather less per step. Gradients are reduce-scattered (averaged) over dp.
+Each block is one unit and the root (embedding, final layernorm, output layer) another, so gradients are
+reduced unit by unit during backward, overlapping the rest of it, in `reduce_dtype`. With bf16 or fp16
+training the units compute in that dtype (MixedPrecisionPolicy) from fp32 parameters, which are then the
+fp32 master weights, and sharded parameters are gathered in the training dtype.
+
+none: replicas (`replicate`): whole parameters, gradients all-reduced once per step.
+zero1: parameters and gradients whole through a step's micro-batches, then one reduce-scatter of the
+gradients; between steps parameters are sharded, so the fp32 masters and AdamW's moments are sharded
+(DeepSpeed's stage 1 with the same traffic: reduce-scatter plus all-gather, as Megatron's distributed
+optimizer). zero2: gradients reduce-scattered after each micro-batch, so only shards accumulate. zero3:
+parameters also freed after each unit's forward and gathered again for backward.
+
+Through a pipeline, torch's schedule runs every unit like zero1 (one reduction after the last micro-batch).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
+import torch
+from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from bigscience_train.model.gpt import GPT
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, zero: str) -> None:
-    reshard_after_forward = zero == "zero3"
+
+def apply_data_parallel(model: GPT, dp_mesh: DeviceMesh, zero: str, dtype: str, reduce_dtype: str) -> None:
+    policy = MixedPrecisionPolicy(
+        param_dtype=None if dtype == "fp32" else DTYPES[dtype], reduce_dtype=DTYPES[reduce_dtype]
+    )
+    if zero == "none":
+        wrap = partial(replicate, mesh=dp_mesh, mp_policy=policy)
+    else:
+        wrap = partial(fully_shard, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=zero == "zero3")
     for block in model.transformer.h.values():
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-    # The root unit holds the (tied) embedding, the final layernorm and the output layer.
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+        wrap(block)
+    wrap(model)
+
+
+def sync_micro_batch(model: FSDPModule, zero: str, last: bool) -> None:
+    """Before each micro-batch of a step: whether its backward reduces the gradients, and whether the
+    parameters it gathered are freed after it."""
+    accumulate_whole = zero in ("none", "zero1")
+    model.set_requires_gradient_sync(last or not accumulate_whole)
+    model.set_reshard_after_backward(last or zero == "zero3")

@@ -25,8 +25,9 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     dp: int = 1
-    # none: replicas (DDP); zero2 / zero3: FSDP2 over dp.
+    # none: replicas; zero1 / zero2 / zero3: sharded over dp (parallel/data.py).
     dp_shard: str = "none"
+    reduce_dtype: str = "fp32"
     sequence_parallel: bool = False
     pp_schedule: str = "1f1b"
     virtual_stages: int = 1
@@ -42,6 +43,7 @@ class ParallelDims:
             pp=par.pp,
             dp=data_parallel_size(cfg, world_size),
             dp_shard=_value(par.dp_shard),
+            reduce_dtype=_value(par.reduce_dtype),
             sequence_parallel=par.sequence_parallel,
             pp_schedule=par.pp_schedule,
             virtual_stages=par.virtual_stages,
@@ -59,19 +61,13 @@ class ParallelDims:
 
     @property
     def fsdp(self) -> bool:
-        """Parameters, gradients and optimizer states sharded over dp by FSDP2 (ZeRO-2/3)."""
+        """Optimizer states (and with zero2 / zero3 more) sharded over dp by FSDP2 (ZeRO-1/2/3)."""
         return self.dp > 1 and self.dp_shard != "none"
 
     @property
     def replicas(self) -> bool:
-        """Whole replicas over dp whose gradients are averaged (DDP)."""
+        """Whole replicas over dp whose gradients are all-reduced."""
         return self.dp > 1 and self.dp_shard == "none"
-
-    @property
-    def ddp(self) -> bool:
-        """Replicas wrapped in DDP, which buckets the gradient all-reduce and overlaps it with backward: models
-        neither tensor- nor pipeline-parallel. Other replicas average their gradients after backward."""
-        return self.replicas and self.tp == 1 and self.pp == 1
 
     @property
     def vocab_parallel(self) -> bool:

@@ -71,6 +71,7 @@ class TimedStage(PipelineStage):
     """A stage that adds up the time it computes, so that the rest of a step, the bubble, can be measured."""
 
     busy_seconds = 0.0
+    reduce_seconds = 0.0
 
     def _timed(self, work: Callable, *args, **kwargs):
         start = time.perf_counter()
@@ -86,6 +87,16 @@ class TimedStage(PipelineStage):
 
     def backward_one_chunk(self, *args, **kwargs):
         return self._timed(super().backward_one_chunk, *args, **kwargs)
+
+    def perform_reduce_grad(self, *args, **kwargs):
+        # The data-parallel reduction the schedule runs after the last backward: communication, not compute.
+        start = time.perf_counter()
+        try:
+            return super().perform_reduce_grad(*args, **kwargs)
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.reduce_seconds += time.perf_counter() - start
 
 
 class Pipeline:
@@ -110,6 +121,8 @@ class Pipeline:
         self._schedules: dict[int, tuple[list[TimedStage], object]] = {}
         self._forward_schedule: ScheduleGPipe | None = None
         self.loss_fn: Callable | None = None
+        # The last pass's seconds in its data-parallel gradient reduction.
+        self.reduce_seconds = 0.0
 
     def _schedule(self, micro_batches: int):
         if micro_batches not in self._schedules:
@@ -138,12 +151,13 @@ class Pipeline:
         stage. Returns this rank's idle fraction of the pass."""
         stages, schedule = self._schedule(micro_batches)
         for stage in stages:
-            stage.busy_seconds = 0.0
+            stage.busy_seconds = stage.reduce_seconds = 0.0
         args = (tokens,) if self.has_first else ()
         kwargs = {"target": target} if self.has_last else {}
         start = time.perf_counter()
         (schedule.step if train else schedule.eval)(*args, **kwargs)
         elapsed = time.perf_counter() - start
+        self.reduce_seconds = sum(s.reduce_seconds for s in stages)
         return max(0.0, 1.0 - sum(s.busy_seconds for s in stages) / elapsed)
 
     def forward_only(self, tokens: torch.Tensor | None) -> torch.Tensor | None:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -91,13 +92,19 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bo
     model._tie_embeddings()
     heads = model.shape.num_heads // tp
     rank = tp_mesh.get_local_rank()
-    model.register_buffer(
-        "alibi_slopes", model.alibi_slopes[rank * heads : (rank + 1) * heads].clone(), persistent=False
-    )
+    model.hold_heads(range(rank * heads, (rank + 1) * heads))
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_part(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The part of a parameter this rank holds, and its offset in the whole one (model/init.py)."""
+    if not isinstance(param, DTensor):
+        return param, (0,) * param.ndim
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return param.to_local(), tuple(offset)
 
 
 def loss_context(vocab_parallel: bool):

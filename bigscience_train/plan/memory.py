@@ -1,13 +1,17 @@
 """Memory per device of this trainer, term by term, for the heaviest pipeline stage.
 
 Notation: h hidden size, s sequence, b micro batch, a heads, V padded vocabulary, t tp, p pp, d dp, L layers,
-P_r the parameters one rank holds. The trainer keeps fp32 parameters whatever the precision (bf16/fp16 run
-inside autocast), so per parameter: weights 4 B, gradients 4 B, AdamW's two moments 8 B.
+m micro batches per step, P_r the parameters one rank holds, w the bytes of the training dtype (4 in fp32, 2
+in bf16/fp16). The trainer keeps fp32 parameters whatever the precision, so per parameter: weights 4 B,
+gradients 4 B, AdamW's two moments 8 B (parallel/data.py has the data-parallel modes).
 
-- weights, gradients, optimizer: 4 P_r, 4 P_r, 8 P_r; divided by d under FSDP (zero2 / zero3).
-- gathered parameters (FSDP): zero2 keeps every layer gathered from forward to backward: 4 P_r (1 - 1/d);
-  zero3 gathers two layers at a time.
-- DDP buckets (dp > 1, tp = 1, no FSDP): a second copy of the gradients, 4 P_r.
+- weights and optimizer states: 4 P_r and 8 P_r, divided by d when sharded (zero1 / zero2 / zero3).
+- gradients: 4 P_r whole for replicas; sharded, 4 P_r / d, plus the whole ones a step accumulates before
+  its one reduction (zero1 over several micro batches, any mode through a pipeline): 4 P_r in fp32.
+- gathered parameters (dp > 1, in the training dtype): zero1 and zero2 keep every unit gathered through the
+  step: w P_r; zero3 two layers at a time: 2 w P_layer; replicas in bf16/fp16 compute from a w P_r copy.
+- autocast weight cache (bf16/fp16 without data parallelism): each matmul weight cast once per step, 2 B per
+  matmul parameter.
 - autocast weight cache (bf16/fp16): each matmul weight cast once per step, 2 B per matmul parameter.
 - activations, per layer and micro batch, with sbh = s*b*h elements (inputs saved for backward):
     none       fp32: 4(4 + 13/t) sbh B       bf16/fp16: (12 + 26/t) sbh B
@@ -158,20 +162,22 @@ def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
         p_rank += counts.per_rank_embedding if has_embedding or (has_output and shape.tie_embeddings) else 0
         p_rank += counts.per_rank_final if has_output else 0
         shard = d if dims.fsdp else 1
+        whole_gradients = dims.fsdp and (dims.pp > 1 or (dims.dp_shard == "zero1" and micro_batches > 1))
         terms = {
             "weights": 4 * p_rank / shard,
-            "gradients": 4 * p_rank / shard,
+            "gradients": 4 * p_rank / shard + (4 * p_rank if whole_gradients else 0),
             "optimizer states": 8 * p_rank / shard,
         }
-        if dims.fsdp and dims.dp_shard == "zero2":
-            terms["gathered parameters"] = 4 * p_rank * (1 - 1 / d)
+        w = 2 if half else 4
+        if dims.fsdp and dims.dp_shard in ("zero1", "zero2"):
+            terms["gathered parameters"] = w * p_rank
         elif dims.fsdp and dims.dp_shard == "zero3":
-            terms["gathered parameters"] = 2 * 4 * counts.per_rank_layer * (1 - 1 / d)
-        if dims.replicas and t == 1:
-            terms["DDP gradient buckets"] = 4 * p_rank
+            terms["gathered parameters"] = 2 * w * counts.per_rank_layer
+        elif dims.replicas and half:
+            terms["gathered parameters"] = w * p_rank
         if bias:
             terms["ALiBi bias"] = bias * (dims.virtual_stages if dims.pp > 1 else 1)
-        if half:
+        if half and d == 1:
             terms["autocast weight copies"] = 2 * layers * 12 * h * h / t
         flight = in_flight(dims, micro_batches) if has_embedding else 1.0
         per_micro_batch = layers * layer_activation_bytes(sbh, t, dims.recompute, half)
@@ -183,7 +189,8 @@ def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
             terms["logits"] = logits
         temp = (logits_grad if has_output else 0) + (2 * 4 * sbh if dims.pp > 1 else 0)
         terms["temporary buffers"] = temp
-        states = terms["weights"] + terms["gradients"] + terms["optimizer states"]
+        # The optimizer step sees only reduced gradients: whole ones accumulated for one reduction are gone.
+        states = terms["weights"] + 4 * p_rank / shard + terms["optimizer states"]
         transient = sum(terms.get(k, 0.0) for k in _TRANSIENT)
         persistent = sum(terms.values()) - transient - terms["gradients"]
         if micro_batches == 1 and dims.pp == 1:
@@ -195,10 +202,7 @@ def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
         estimate = MemoryEstimate(
             terms,
             forward_backward_peak=forward_backward,
-            optimizer_peak=states
-            + terms.get("DDP gradient buckets", 0.0)
-            + terms.get("ALiBi bias", 0.0)
-            + 4 * p_rank / shard,
+            optimizer_peak=states + terms.get("ALiBi bias", 0.0) + 4 * p_rank / shard,
             parameters_per_rank=p_rank,
         )
         if best is None or estimate.peak > best.peak:

@@ -2,8 +2,9 @@
 
 `python -m bigscience_train.slurm.chain RUN_DIR --exit-code RC [--kill-switch PATH] [--chain]`, the last line
 of every rendered training script. The trainer leaves RUN_DIR/last_stop.json when it stops cleanly (the
-script deletes it before starting, so it is this job's). A finished run or a kill switch cancels the jobs of
-the chain still pending; an interruption (signal, time guard) lets the next one resume from `latest`.
+script deletes it before starting, so it is this job's). A finished run, a failed one (non-finite losses, fp16
+stuck at its minimum loss scale) or a kill switch cancels the jobs of the chain still pending; an
+interruption (signal, time guard) lets the next one resume from `latest`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bigscience_train.last_stop import read_last_stop
+from bigscience_train.last_stop import FAILED_STOPS, read_last_stop
 
 
 def cancel_pending_chain() -> str:
@@ -41,6 +42,12 @@ def decide(run_dir: Path, exit_code: int, kill_switch: str | None, chain: bool) 
         return exit_code or 1, (
             f"training exited with code {exit_code} without a clean stop; "
             "a next job of the chain resumes from the latest checkpoint"
+        )
+    if last["reason"] in FAILED_STOPS:
+        end = cancel_pending_chain() if chain else "no chain"
+        return exit_code or 1, (
+            f"training failed at step {last['step']}: {last.get('error', last['reason'])}; the stuck state is not "
+            f"resumed ({end}); roll back to an earlier checkpoint or change the run, then submit again"
         )
     if last["finished"]:
         end = cancel_pending_chain() if chain else "no chain"

@@ -45,7 +45,11 @@ EXTERNAL_STOPS = ("kill_switch", "signal", "exit_duration")
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A run that cannot go on: `reason` is what last_stop.json records, so the chain ends instead of resuming."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -165,12 +169,15 @@ class Trainer:
         loss_scale = self.scaler.scale if self.scaler else 1.0
         batches = list(self._micro_batches(self.splits.train, self.state.consumed_samples, gbs))
         total = self.parallel.forward_backward(batches, loss_scale, train=True)
-        self.penv.all_reduce_sum(total)
+        with self.parallel.comm_wait.blocking():
+            self.penv.all_reduce_sum(total)
         loss = (total[0] / total[1].clamp(min=1)).item()
         params = self.parallel.reduce_gradients(loss_scale)
         grad_norm = self.parallel.clip_grad_norm(params, self.cfg.optim.clip_grad)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        bad = self.penv.all_reduce_max([0.0 if finite else 1.0])[0] > 0
+        # Decided over every rank, so that every rank skips, and stops, at the same step.
+        with self.parallel.comm_wait.blocking():
+            bad, bad_loss = (v > 0 for v in self.penv.all_reduce_max([not finite, not math.isfinite(loss)]))
         if self.scaler is not None:
             self.scaler.update(bad)
         if not bad:
@@ -187,7 +194,9 @@ class Trainer:
             "grad_norm": grad_norm,
             "batch_size": gbs,
             "skipped": bad,
+            "nonfinite_loss": bad_loss,
             "loss_scale": loss_scale,
+            "comm_wait": self.parallel.comm_wait.take(),
         }
         bubble_theory = self.parallel.bubble_theory(len(batches))
         if bubble_theory is not None:
@@ -322,7 +331,7 @@ class Trainer:
         first_val = last_val = None
         saved: Path | None = None
         window: list[dict] = []
-        nonfinite_run = 0
+        nonfinite_run = floor_run = 0
         if cfg.logging.carbon and self.penv.local_rank == 0:
             gpus = list(range(torch.cuda.device_count())) if self.penv.device.type == "cuda" else []
             self.carbon = NodeTracker(self.run_dir, cfg.cluster, cfg.logging.carbon_interval_s, gpus)
@@ -334,12 +343,7 @@ class Trainer:
                 out = self.train_step()
                 out["step_time"] = time.perf_counter() - t0
                 window.append(out)
-                nonfinite_run = nonfinite_run + 1 if out["skipped"] and self.scaler is None else 0
-                if nonfinite_run >= tr.max_consecutive_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{nonfinite_run} consecutive steps had a non-finite loss or "
-                        f"gradient norm (last at step {self.state.step}); stopping"
-                    )
+                nonfinite_run, floor_run = self._check_finite(out, nonfinite_run, floor_run)
                 if self.state.step % cfg.logging.log_interval == 0:
                     self._log_train(window)
                     window = []
@@ -374,12 +378,48 @@ class Trainer:
                 )
             # No rank leaves before the record exists: a launcher may kill the job when the first rank exits.
             self.penv.barrier()
+        except NonFiniteLossError as e:
+            if self.penv.is_rank0:
+                latest = self.checkpoints.latest()
+                write_last_stop(
+                    self.run_dir,
+                    e.reason,
+                    self.state.step,
+                    self.state.consumed_tokens,
+                    latest.name if latest else None,
+                    error=str(e),
+                )
+            raise
         finally:
             if self.carbon is not None:
                 self.carbon.stop()
             if self.writer is not None:
                 self.writer.close()
         return TrainResult(self.state, reason, first_val, last_val, saved)
+
+    def _check_finite(self, out: dict, nonfinite_run: int, floor_run: int) -> tuple[int, int]:
+        """Counts the consecutive steps no loss scale can cure, and stops the run past their limits: non-finite
+        losses (any precision; in fp32 and bf16 non-finite gradients too), and in fp16 gradient overflows at
+        the minimum loss scale (DeepSpeed stops there too). Skipping every step would save the stuck state to
+        the end of the run, chain job after chain job."""
+        tr, step = self.cfg.train, self.state.step
+        nonfinite = out["skipped"] if self.scaler is None else out["nonfinite_loss"]
+        nonfinite_run = nonfinite_run + 1 if nonfinite else 0
+        at_floor = self.scaler is not None and out["skipped"] and not nonfinite
+        floor_run = floor_run + 1 if at_floor and out["loss_scale"] <= self.scaler.min_scale else 0
+        if nonfinite_run >= tr.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                "nonfinite",
+                f"{nonfinite_run} consecutive steps had a non-finite loss or gradient norm "
+                f"(last at step {step}); stopping",
+            )
+        if floor_run >= self.cfg.precision.min_scale_patience:
+            raise NonFiniteLossError(
+                "loss_scale_floor",
+                f"{floor_run} consecutive fp16 gradient overflows at the minimum loss scale "
+                f"{self.scaler.min_scale:g} (precision.min_loss_scale; last at step {step}); stopping",
+            )
+        return nonfinite_run, floor_run
 
     def record(self, kind: str, values: dict) -> dict:
         return {
@@ -399,6 +439,8 @@ class Trainer:
             "grad_norm": window[-1]["grad_norm"],
             "batch_size": window[-1]["batch_size"],
             "skipped_steps": self.state.skipped_steps,
+            # Seconds per step waiting on communication nothing overlapped (parallel/comm_wait.py).
+            "comm_wait": sum(w["comm_wait"] for w in window) / n,
             **self._throughput(step_time, window[-1]["batch_size"]),
         }
         if self.scaler is not None:
