@@ -238,6 +238,25 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ckpt_rollback(args: argparse.Namespace) -> int:
+    from bigscience_train.checkpoint.rollback import rollback
+
+    request = rollback(Path(args.run), args.to, args.skip_data, args.lr_scale)
+    moved = request["moved_aside"]
+    print(
+        f"latest -> step {args.to}; "
+        + (f"moved aside: {', '.join(moved)}" if moved else "no later checkpoints")
+    )
+    skip = request["skip_to"]
+    if skip is not None:
+        print(
+            f"the next job skips to step {skip['step']} ({skip['consumed_samples']:,} samples) with step {args.to}'s weights"
+        )
+    if args.lr_scale != 1.0:
+        print(f"the learning rate is scaled by {args.lr_scale:g} from then on")
+    return 0
+
+
 def _ckpt_import_hf(args: argparse.Namespace) -> int:
     from bigscience_train.checkpoint.hf_import import import_hf
 
@@ -336,6 +355,20 @@ def _parser() -> argparse.ArgumentParser:
         "--seq-length", type=int, default=2048, help="model.seq_length (ALiBi has no fixed length)"
     )
     cim.set_defaults(func=_ckpt_import_hf)
+
+    crb = csub.add_parser(
+        "rollback",
+        help="go back to an earlier checkpoint (after a loss spike): later ones are moved aside, not deleted",
+    )
+    crb.add_argument("run", help="run directory")
+    crb.add_argument("--to", type=int, required=True, metavar="STEP", help="the checkpoint's step")
+    crb.add_argument(
+        "--skip-data",
+        action="store_true",
+        help="on resume, skip the batches consumed since STEP (continue from the furthest point reached)",
+    )
+    crb.add_argument("--lr-scale", type=float, default=1.0, help="multiply the learning rate from then on")
+    crb.set_defaults(func=_ckpt_rollback)
 
     plan = sub.add_parser("plan", help="memory and throughput estimate of a config on its cluster")
     plan.add_argument("--search", action="store_true", help="rank the layouts that fit, fastest first")

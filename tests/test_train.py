@@ -307,3 +307,64 @@ def test_async_save_trains_identically_and_commits_every_checkpoint(tiny_data, t
     assert meta["async"] is True and meta["checksums"]
     resumed = train(tiny_data, run, "train.iters=8", "checkpoint.interval=2", "checkpoint.async_save=true")
     assert resumed.state.step == 8 and sync.state.step == 6
+
+
+def test_rollback_moves_later_checkpoints_aside_and_resumes_from_the_step(tiny_data, tmp_path):
+    """Without --skip-data the run continues from step 4 as it did the first time."""
+    from bigscience_train.cli import main
+
+    run = tmp_path / "run"
+    train(tiny_data, run, "train.iters=8", "checkpoint.interval=2")
+    first = {r["step"]: r["loss"] for r in read_metrics(run)}
+    assert main(["ckpt", "rollback", str(run), "--to", "4"]) == 0
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == step_dir_name(4)
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == [step_dir_name(2), step_dir_name(4)]
+    aside = sorted(p.name for p in checkpoints.glob("rolled_back/*/step_*"))
+    assert aside == [step_dir_name(6), step_dir_name(8)]
+    result = train(tiny_data, run, "train.iters=8", "checkpoint.interval=2")
+    assert result.state.step == 8
+    again = [r for r in read_metrics(run) if r["step"] > 4][-4:]
+    assert [r["step"] for r in again] == [5, 6, 7, 8]
+    assert [r["loss"] for r in again] == [first[s] for s in (5, 6, 7, 8)]
+    log = [json.loads(line) for line in (run / "rollbacks.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in log] == ["rollback requested", "rollback applied"]
+    assert not (checkpoints / "rollback.json").exists()
+
+
+def test_rollback_with_skip_data_and_lr_scale_continues_past_the_skipped_batches(tiny_data, tmp_path, capsys):
+    from bigscience_train.cli import main
+
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(tiny_data, straight, "train.iters=12")
+    train(tiny_data, run, "train.iters=8", "checkpoint.interval=4")
+    assert main(["ckpt", "rollback", str(run), "--to", "4", "--skip-data", "--lr-scale", "0.5"]) == 0
+    train(tiny_data, run, "train.iters=12", "checkpoint.interval=4")
+    reference = {r["step"]: r for r in read_metrics(straight)}
+    records = read_metrics(run)
+    resumed = [r for r in records if r["step"] > 8]
+    # Steps 9-12 read the batches of the straight run's steps 9-12, at half its learning rate.
+    assert [r["step"] for r in resumed] == [9, 10, 11, 12]
+    for r in resumed:
+        assert r["consumed_samples"] == reference[r["step"]]["consumed_samples"]
+        assert r["lr"] == pytest.approx(0.5 * reference[r["step"]]["lr"])
+    rollback = read_metrics(run, "rollback")
+    assert len(rollback) == 1 and rollback[0]["to_step"] == 4
+    assert (
+        rollback[0]["skipped_samples"] == reference[8]["consumed_samples"] - reference[4]["consumed_samples"]
+    )
+    assert main(["ckpt", "rollback", str(run), "--to", "5"]) == 2
+    assert "has no complete checkpoint of step 5 (complete: 4, 12)" in capsys.readouterr().err
+
+
+def test_a_loss_above_the_factor_times_the_running_median_is_logged_as_a_spike(tiny_data, tmp_path, capsys):
+    cfg = load_config([*FAST, *data_overrides(tiny_data, tmp_path / "run"), "logging.spike_window=20"])
+    trainer = Trainer(cfg, init_parallel())
+    logged = []
+    trainer.writer = type("Writer", (), {"log": lambda self, record: logged.append(record)})()
+    for step, loss in enumerate([3.0, 3.2, 2.9] * 5 + [7.0, 3.1, float("nan")], start=1):
+        trainer.state.step = step
+        trainer._watch_for_spike(loss)
+    assert [(r["kind"], r["step"]) for r in logged] == [("spike", 16)]
+    assert logged[0]["median"] == 3.0 and logged[0]["ratio"] == pytest.approx(7.0 / 3.0)
+    assert "loss spike at step 16: 7.0000 is 2.33x the median 3.0000" in capsys.readouterr().out

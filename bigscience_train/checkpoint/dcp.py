@@ -63,6 +63,8 @@ class TrainState:
     consumed_tokens: int = 0
     skipped_steps: int = 0
     loss_scaler: dict = field(default_factory=dict)
+    # The product of the LR scales rollbacks asked for (`bigscience ckpt rollback --lr-scale`).
+    lr_scale: float = 1.0
 
 
 def rng_state() -> dict:

@@ -193,6 +193,10 @@ class LoggingConfig:
     # codecarbon's offline tracker on each node's local rank 0, CSVs in RUN/carbon/ (needs the [carbon] extra).
     carbon: bool = True
     carbon_interval_s: float = 15.0
+    # A training loss above spike_factor x the median of the last spike_window steps is logged as a spike
+    # (a line, and a "spike" record in metrics.jsonl); null: no detection.
+    spike_factor: float | None = 1.5
+    spike_window: int = 100
 
 
 class Launcher(str, Enum):

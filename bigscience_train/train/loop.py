@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from bigscience_train.carbon.aggregate import carbon_totals
 from bigscience_train.carbon.tracker import NodeTracker
 from bigscience_train.checkpoint.dcp import CheckpointManager, TrainState, step_dir_name
 from bigscience_train.checkpoint.reader import resolve_checkpoint
+from bigscience_train.checkpoint.rollback import REQUEST, finish_rollback, pending_rollback
 from bigscience_train.config import to_yaml
 from bigscience_train.data.gpt_data import build_splits, collate
 from bigscience_train.data.sampling import micro_batch_indices
@@ -148,6 +151,8 @@ class Trainer:
         self.stop_requests = StopRequests(tr.stop_signal, tr.kill_switch)
         self.writer = None
         self.carbon: NodeTracker | None = None
+        self.rollback_applied: dict | None = None
+        self.recent_losses: deque[float] = deque(maxlen=cfg.logging.spike_window)
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def _micro_batches(self, dataset, consumed: int, global_batch: int):
@@ -161,7 +166,7 @@ class Trainer:
     def train_step(self) -> dict:
         gbs = self.batch_schedule.at(self.state.consumed_samples)
         progress = self.state.consumed_tokens if self.lr_by_tokens else self.state.consumed_samples
-        lr = self.lr_schedule.at(progress)
+        lr = self.lr_schedule.at(progress) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.parallel.train()
@@ -312,6 +317,41 @@ class Trainer:
             self.scaler.load_state_dict(self.state.loss_scaler)
         if self.penv.is_rank0:
             print(f"resumed from {path} (step {self.state.step}, {self.state.consumed_tokens:,} tokens)")
+        self._apply_rollback()
+
+    def _apply_rollback(self) -> None:
+        """A rollback asked for since the last job (checkpoint/rollback.py): from its step, skip to the furthest
+        point the run reached and scale the learning rate."""
+        request = pending_rollback(self.checkpoints.root)
+        if request is None:
+            return
+        if request["to_step"] != self.state.step:
+            raise ValueError(
+                f"{self.checkpoints.root / REQUEST} asks to resume from step {request['to_step']}, but the run "
+                f"resumed from step {self.state.step}: run `bigscience ckpt rollback` again, or delete the file"
+            )
+        before = self.state.consumed_samples
+        skip = request["skip_to"]
+        if skip is not None:
+            self.state.step, self.state.consumed_samples, self.state.consumed_tokens = (
+                skip["step"],
+                skip["consumed_samples"],
+                skip["consumed_tokens"],
+            )
+        self.state.lr_scale *= request["lr_scale"]
+        applied = {
+            "skipped_samples": self.state.consumed_samples - before,
+            "lr_scale_now": self.state.lr_scale,
+        }
+        self.rollback_applied = {"to_step": request["to_step"], **applied}
+        # Every rank has read the request before rank 0 clears it.
+        self.penv.barrier()
+        if self.penv.is_rank0:
+            finish_rollback(self.run_dir, request, applied)
+            print(
+                f"rollback to step {request['to_step']} applied: {applied['skipped_samples']:,} samples skipped "
+                f"(continuing at step {self.state.step}), LR x{self.state.lr_scale:g}"
+            )
 
     def run(self) -> TrainResult:
         cfg, tr = self.cfg, self.cfg.train
@@ -328,6 +368,8 @@ class Trainer:
                 f"model {cfg.model.name}: {self.num_parameters:,} parameters; world {self.penv.world_size} "
                 f"(tp={self.penv.tp} pp={self.penv.pp} dp={self.penv.dp}); {self.train_samples:,} train samples"
             )
+            if self.rollback_applied is not None:
+                self.writer.log(self.record("rollback", self.rollback_applied))
         first_val = last_val = None
         saved: Path | None = None
         window: list[dict] = []
@@ -344,6 +386,7 @@ class Trainer:
                 out["step_time"] = time.perf_counter() - t0
                 window.append(out)
                 nonfinite_run, floor_run = self._check_finite(out, nonfinite_run, floor_run)
+                self._watch_for_spike(out["loss"])
                 if self.state.step % cfg.logging.log_interval == 0:
                     self._log_train(window)
                     window = []
@@ -420,6 +463,23 @@ class Trainer:
                 f"{self.scaler.min_scale:g} (precision.min_loss_scale; last at step {step}); stopping",
             )
         return nonfinite_run, floor_run
+
+    def _watch_for_spike(self, loss: float) -> None:
+        """Logs a loss above logging.spike_factor x the running median (every rank sees the same loss)."""
+        factor, recent = self.cfg.logging.spike_factor, self.recent_losses
+        if factor is None or not math.isfinite(loss):
+            return
+        median = statistics.median(recent) if len(recent) >= min(10, recent.maxlen) else None
+        recent.append(loss)
+        if median is None or loss <= factor * median:
+            return
+        if self.penv.is_rank0:
+            print(
+                f"loss spike at step {self.state.step}: {loss:.4f} is {loss / median:.2f}x the median "
+                f"{median:.4f} of the last {len(recent) - 1} steps (`bigscience ckpt rollback` goes back)"
+            )
+        if self.writer is not None:
+            self.writer.log(self.record("spike", {"loss": loss, "median": median, "ratio": loss / median}))
 
     def record(self, kind: str, values: dict) -> dict:
         return {
