@@ -2,6 +2,7 @@ import json
 import math
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -20,7 +21,7 @@ from bigscience_train.parallel import build
 from bigscience_train.parallel.env import init_parallel
 from bigscience_train.train.loop import NonFiniteLossError, Trainer
 from bigscience_train.train.precision import DynamicLossScaler
-from tests.conftest import data_overrides, read_metrics, run_cli
+from tests.conftest import data_overrides, read_metrics, run_cli, run_script
 
 FAST = [
     "model=gpt_tiny",
@@ -368,3 +369,34 @@ def test_a_loss_above_the_factor_times_the_running_median_is_logged_as_a_spike(t
     assert [(r["kind"], r["step"]) for r in logged] == [("spike", 16)]
     assert logged[0]["median"] == 3.0 and logged[0]["ratio"] == pytest.approx(7.0 / 3.0)
     assert "loss spike at step 16: 7.0000 is 2.33x the median 3.0000" in capsys.readouterr().out
+
+
+def test_a_slow_rank_is_named_as_a_straggler_and_each_step_is_broken_down(tiny_data, tmp_path):
+    """Two data-parallel ranks, the second sleeping 0.5 s at the end of every backward: the first waits for it
+    (communication wait), the second is busy; the report names the second, on this node."""
+    from bigscience_train.report.build import summary_rows
+    from bigscience_train.report.run_data import read_run
+
+    run = tmp_path / "run"
+    out = run_script(
+        "straggler_check.py",
+        2,
+        [*FAST, "train.iters=6", "logging.log_interval=3", *data_overrides(tiny_data, run)],
+        {"SLOW_RANK": "1", "SLOW_SECONDS": "0.5"},
+    )
+    assert out.returncode == 0, out.stderr
+    stragglers = read_metrics(run, "straggler")
+    assert [(r["step"], r["rank"], r["node"]) for r in stragglers] == [
+        (3, 1, socket.gethostname()),
+        (6, 1, socket.gethostname()),
+    ]
+    assert all(r["busy_time"] > 0.5 > r["median"] for r in stragglers)
+    assert f"straggler at step 3: rank 1 on {socket.gethostname()}" in out.stdout
+    for r in read_metrics(run):
+        phases = r["data_time"] + r["forward_backward_time"] + r["optimizer_time"]
+        assert min(r["data_time"], r["forward_backward_time"], r["optimizer_time"]) > 0
+        assert phases <= r["step_time"] and r["comm_wait"] > 0.4  # rank 0 waited for rank 1's sleep
+        assert r["slowest_rank"] == 1
+    rows = dict(summary_rows(read_run(run)))
+    assert rows["stragglers"].startswith(f"2 logs; worst rank 1 on {socket.gethostname()}")
+    assert rows["s per step (last 10 logs)"].startswith("data ")

@@ -197,6 +197,9 @@ class LoggingConfig:
     # (a line, and a "spike" record in metrics.jsonl); null: no detection.
     spike_factor: float | None = 1.5
     spike_window: int = 100
+    # A rank whose mean busy time per step (step time less communication wait) over a log interval is this
+    # many percent above the median of all ranks is named (rank, node) as a straggler.
+    straggler_pct: float = 20.0
 
 
 class Launcher(str, Enum):

@@ -5,7 +5,8 @@ loss totals and the overflow check), timed around each; and the tail of backward
 that computation did not hide, timed from the end of backward's computation to FSDP's finishing callback
 (autograd runs queued callbacks in order, so one queued at backward's start runs just before FSDP's, and
 queues one more to run after it). On a GPU the device is synchronised at each mark, so the time is the
-device's, not the host's.
+device's, not the host's. On a CPU, where FSDP's reductions have no stream to run on and block inside
+backward, only the waits after backward count.
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ import torch
 from torch.autograd import Variable
 
 
+def device_time(device: torch.device) -> float:
+    """Seconds on a clock the device has caught up with (its queued work done first)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class CommWait:
     def __init__(self, device: torch.device):
         self.device = device
@@ -24,9 +32,7 @@ class CommWait:
         self._tail_start = 0.0
 
     def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return device_time(self.device)
 
     def take(self) -> float:
         """The seconds gathered since the last call."""

@@ -26,6 +26,32 @@ def summary_rows(data: RunData) -> list[tuple[str, str]]:
             ("MFU (last 10 logs)", f"{sum(r['mfu'] for r in recent) / len(recent):.3f}"),
             ("skipped steps", f"{last.get('skipped_steps', 0)}"),
         ]
+        phases = [("data", "data_time"), ("forward+backward", "forward_backward_time")]
+        phases += [("optimizer", "optimizer_time"), ("comm wait", "comm_wait")]
+        if all(key in r for r in recent for _, key in phases):
+            rows.append(
+                (
+                    "s per step (last 10 logs)",
+                    ", ".join(
+                        f"{name} {sum(r[key] for r in recent) / len(recent):.3g}" for name, key in phases
+                    ),
+                )
+            )
+        stragglers = [r for r in data.events if r["kind"] == "straggler"]
+        if stragglers:
+            worst = max(stragglers, key=lambda r: r["busy_time"] / r["median"])
+            rows.append(
+                (
+                    "stragglers",
+                    f"{len(stragglers)} logs; worst rank {worst['rank']} on {worst['node']} at step {worst['step']} "
+                    f"({worst['busy_time'] / worst['median']:.2f}x the median busy time)",
+                )
+            )
+        spikes = [r for r in data.events if r["kind"] == "spike"]
+        if spikes:
+            rows.append(
+                ("loss spikes", ", ".join(f"step {r['step']} ({r['ratio']:.2f}x)" for r in spikes[-5:]))
+            )
     if data.valid:
         rows += [
             ("validation loss (last)", f"{data.valid[-1]['val_loss']:.4f}"),

@@ -26,9 +26,14 @@ class RunData:
     valid: list[dict]
     carbon: CarbonTotals
     evals: list[dict]  # {"step", "tokens", "task", "metric", "value", "stderr"}
+    # What the trainer noticed: loss spikes, stragglers, rollbacks (metrics.jsonl records of those kinds).
+    events: list[dict]
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+EVENTS = ("spike", "straggler", "rollback")
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: not a run directory, or no step logged yet")
@@ -40,7 +45,9 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
             continue  # the line being written when a job was killed
         latest[(record["kind"], record["step"])] = record
     records = sorted(latest.values(), key=lambda r: r["step"])
-    return [r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "valid"]
+    train = [r for r in records if r["kind"] == "train"]
+    valid = [r for r in records if r["kind"] == "valid"]
+    return train, valid, [r for r in records if r["kind"] in EVENTS]
 
 
 def read_evals(run_dir: Path) -> list[dict]:
@@ -70,7 +77,7 @@ def read_evals(run_dir: Path) -> list[dict]:
 
 def read_run(run_dir: Path) -> RunData:
     run_dir = Path(run_dir)
-    train, valid = read_metrics(run_dir)
+    train, valid, events = read_metrics(run_dir)
     config_path = run_dir / "config.yaml"
     config: dict = {}
     if config_path.is_file():
@@ -81,5 +88,5 @@ def read_run(run_dir: Path) -> RunData:
     tdp = cluster.get("tdp_watts") or (device.tdp_watts if device else None)
     carbon = carbon_totals(run_dir, tdp, cluster.get("pue"), cluster.get("carbon_intensity"))
     return RunData(
-        run_dir, config.get("name", run_dir.name), config, train, valid, carbon, read_evals(run_dir)
+        run_dir, config.get("name", run_dir.name), config, train, valid, carbon, read_evals(run_dir), events
     )

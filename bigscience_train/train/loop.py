@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import socket
 import statistics
 import time
 from collections import deque
@@ -38,10 +39,14 @@ from bigscience_train.metrics.flops import flops_per_iteration
 from bigscience_train.metrics.peak import device_peak_flops
 from bigscience_train.metrics.writer import MetricsWriter
 from bigscience_train.parallel.build import ParallelModel
+from bigscience_train.parallel.comm_wait import device_time
 from bigscience_train.parallel.env import ParallelEnv
 from bigscience_train.train.precision import DynamicLossScaler
 from bigscience_train.train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples
 from bigscience_train.train.stop import StopRequests
+
+# A step's time, per phase (seconds), in every train record.
+STEP_BREAKDOWN = ("data_time", "forward_backward_time", "optimizer_time", "comm_wait")
 
 # Stops that interrupt a run (it continues in a later job), in order of precedence.
 EXTERNAL_STOPS = ("kill_switch", "signal", "exit_duration")
@@ -172,8 +177,12 @@ class Trainer:
         self.parallel.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_scale = self.scaler.scale if self.scaler else 1.0
+        device = self.penv.device
+        start = device_time(device)
         batches = list(self._micro_batches(self.splits.train, self.state.consumed_samples, gbs))
+        data_done = device_time(device)
         total = self.parallel.forward_backward(batches, loss_scale, train=True)
+        backward_done = device_time(device)
         with self.parallel.comm_wait.blocking():
             self.penv.all_reduce_sum(total)
         loss = (total[0] / total[1].clamp(min=1)).item()
@@ -188,7 +197,11 @@ class Trainer:
         if not bad:
             # An async checkpoint copies the weights and optimizer state aside while this step ran.
             self.checkpoints.wait_staged()
+            optimizer_start = device_time(device)
             self.optimizer.step()
+            optimizer_seconds = device_time(device) - optimizer_start
+        else:
+            optimizer_seconds = 0.0
         self.state.step += 1
         self.state.consumed_samples += gbs
         self.state.consumed_tokens += gbs * self.cfg.model.seq_length
@@ -201,8 +214,16 @@ class Trainer:
             "skipped": bad,
             "nonfinite_loss": bad_loss,
             "loss_scale": loss_scale,
-            "comm_wait": self.parallel.comm_wait.take(),
         }
+        # Where the step's time went (seconds): the communication wait is also inside forward and backward
+        # (its exposed tail), and its blocking collectives come after them.
+        comm_wait = self.parallel.comm_wait.take()
+        out.update(
+            data_time=data_done - start,
+            forward_backward_time=backward_done - data_done,
+            optimizer_time=optimizer_seconds,
+            comm_wait=comm_wait,
+        )
         bubble_theory = self.parallel.bubble_theory(len(batches))
         if bubble_theory is not None:
             out["pp_bubble"] = total[2].item() / (self.penv.pp * self.penv.dp)
@@ -464,6 +485,28 @@ class Trainer:
             )
         return nonfinite_run, floor_run
 
+    def _stragglers(self, busy_time: float) -> dict:
+        """Every rank's mean busy time per step (its step time less its communication wait: a rank that waits
+        for a slow one has a long step too) over the window, gathered at each log interval: the median and
+        the slowest, named (rank, node) when it is more than logging.straggler_pct slower than the median."""
+        if self.penv.world_size == 1:
+            return {}
+        times = self.penv.all_gather_object((busy_time, socket.gethostname()))
+        median = statistics.median(t for t, _ in times)
+        slowest = max(range(len(times)), key=lambda r: times[r][0])
+        slow_time, node = times[slowest]
+        values = {"busy_time_median": median, "busy_time_max": slow_time, "slowest_rank": slowest}
+        if slow_time > median * (1 + self.cfg.logging.straggler_pct / 100):
+            if self.penv.is_rank0:
+                print(
+                    f"straggler at step {self.state.step}: rank {slowest} on {node} is busy {slow_time:.3f} s per "
+                    f"step, {100 * (slow_time / median - 1):.0f}% more than the median {median:.3f} s"
+                )
+            if self.writer is not None:
+                record = {"rank": slowest, "node": node, "busy_time": slow_time, "median": median}
+                self.writer.log(self.record("straggler", record))
+        return values
+
     def _watch_for_spike(self, loss: float) -> None:
         """Logs a loss above logging.spike_factor x the running median (every rank sees the same loss)."""
         factor, recent = self.cfg.logging.spike_factor, self.recent_losses
@@ -499,8 +542,9 @@ class Trainer:
             "grad_norm": window[-1]["grad_norm"],
             "batch_size": window[-1]["batch_size"],
             "skipped_steps": self.state.skipped_steps,
-            # Seconds per step waiting on communication nothing overlapped (parallel/comm_wait.py).
-            "comm_wait": sum(w["comm_wait"] for w in window) / n,
+            # Seconds per step waiting on communication nothing overlapped (parallel/comm_wait.py), and the rest
+            # of the step's breakdown.
+            **{k: sum(w[k] for w in window) / n for k in STEP_BREAKDOWN},
             **self._throughput(step_time, window[-1]["batch_size"]),
         }
         if self.scaler is not None:
@@ -508,6 +552,7 @@ class Trainer:
         if "pp_bubble" in window[-1]:
             values["pp_bubble"] = sum(w["pp_bubble"] for w in window) / n
             values["pp_bubble_theory"] = window[-1]["pp_bubble_theory"]
+        values.update(self._stragglers(step_time - values["comm_wait"]))
         if self.writer is not None:
             self.writer.log(self.record("train", values))
 
