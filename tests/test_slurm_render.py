@@ -77,6 +77,14 @@ def test_script_directives_follow_the_preset(tiny_data, tmp_path):
     ).script
     assert "#SBATCH --ntasks-per-node=4" in one_per_rank and "#SBATCH --cpus-per-task=10" in one_per_rank
     assert "--array" not in one_per_rank and "torch.distributed.run" not in one_per_rank
+    restarting = prepare_training([*jean_zay_overrides(tiny_data, tmp_path), "cluster.max_restarts=2"]).script
+    assert "--max-restarts=2 " in restarting and "--max-restarts=0 " in "\n".join(lines)
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in restarting
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in "\n".join(lines)
+    with pytest.raises(ConfigError, match="cluster.max_restarts=2 needs cluster.launcher=torchrun"):
+        prepare_training(
+            [*jean_zay_overrides(tiny_data, tmp_path), "cluster.launcher=srun", "cluster.max_restarts=2"]
+        )
 
 
 def fake_slurm_bin(tmp_path: Path) -> Path:

@@ -3,6 +3,7 @@ import math
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -21,7 +22,7 @@ from bigscience_train.parallel import build
 from bigscience_train.parallel.env import init_parallel
 from bigscience_train.train.loop import NonFiniteLossError, Trainer
 from bigscience_train.train.precision import DynamicLossScaler
-from tests.conftest import data_overrides, read_metrics, run_cli, run_script
+from tests.conftest import ROOT, child_env, data_overrides, read_metrics, run_cli, run_script, torchrun
 
 FAST = [
     "model=gpt_tiny",
@@ -400,3 +401,30 @@ def test_a_slow_rank_is_named_as_a_straggler_and_each_step_is_broken_down(tiny_d
     rows = dict(summary_rows(read_run(run)))
     assert rows["stragglers"].startswith(f"2 logs; worst rank 1 on {socket.gethostname()}")
     assert rows["s per step (last 10 logs)"].startswith("data ")
+
+
+def test_a_rank_that_crashes_once_restarts_the_job_from_latest_within_it(tiny_data, tmp_path):
+    """cluster.max_restarts is torchrun's --max-restarts: rank 1 dies at step 5, torchrun restarts both ranks,
+    and they resume from step 4's checkpoint to the end, as the uninterrupted run went."""
+    common = [*FAST, "train.iters=8", "checkpoint.interval=2"]
+    straight, run, marker = tmp_path / "straight", tmp_path / "run", tmp_path / "crashed"
+    assert run_cli(["train", *common, *data_overrides(tiny_data, straight)], nproc=2).returncode == 0
+    cmd = [
+        *torchrun(2, [str(ROOT / "tests" / "crash_check.py"), *common, *data_overrides(tiny_data, run)]),
+    ]
+    cmd.insert(cmd.index("--standalone") + 1, "--max-restarts=1")
+    # As the rendered sbatch does with cluster.max_restarts (slurm/script.py).
+    env = child_env(
+        {
+            "CRASH_RANK": "1",
+            "CRASH_STEP": "5",
+            "CRASH_MARKER": str(marker),
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        }
+    )
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert marker.exists() and "resumed from" in out.stdout
+    resumed = {r["step"]: r["loss"] for r in read_metrics(run)}
+    assert resumed == {r["step"]: r["loss"] for r in read_metrics(straight)}
+    assert json.loads((run / "last_stop.json").read_text())["reason"] == "iters"

@@ -227,6 +227,9 @@ class ClusterConfig:
     nodes: int = 1
     # Training processes (ranks) per node: one per GPU.
     procs_per_node: int = 1
+    # In-job restarts (torchrun --max-restarts): a crashed rank restarts every rank of the job, which resumes
+    # from `latest` without waiting in the queue again. A run that stopped as failed is not retried.
+    max_restarts: int = 0
     cpus_per_node: int | None = None
     # Generic resources per node, e.g. gpu:4.
     gres: str | None = None

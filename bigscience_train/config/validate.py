@@ -130,6 +130,12 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
         signal_number(tr.stop_signal)
     except ValueError as e:
         problems.append(str(e))
+    c = cfg.cluster
+    need(c.max_restarts >= 0, f"cluster.max_restarts={c.max_restarts} must be >= 0")
+    need(
+        c.max_restarts == 0 or c.launcher.value == "torchrun",
+        f"cluster.max_restarts={c.max_restarts} needs cluster.launcher=torchrun (srun restarts nothing)",
+    )
     need(tr.resume in RESUME_MODES, f"train.resume={tr.resume!r} is not one of {', '.join(RESUME_MODES)}")
     need(tr.eval_interval >= 1, f"train.eval_interval={tr.eval_interval} must be >= 1")
     need(tr.eval_iters >= 0, f"train.eval_iters={tr.eval_iters} must be >= 0")

@@ -148,16 +148,24 @@ def launch_training(cluster, stop_signal: str) -> list[str]:
             "srun --kill-on-bad-exit=1 --label \\",
             '  "$PYTHON" -m bigscience_train.cli train --config-file "$CONFIG"',
         ]
+    restarts = []
+    if cluster.max_restarts:
+        restarts = [
+            "# Restarted workers must not share torchrun's rendezvous store: they would read the previous",
+            "# attempt's addresses and fail to connect (pytorch/pytorch#135712).",
+            "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+        ]
     return [
         *master_address(),
         *torchrun_stop_options(stop_signal, cluster.signal_seconds + SIGNAL_EARLY),
+        *restarts,
         "# Each rank's output lines start with [rankN].",
         "export TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[rank${rank}]: '",
         "# TORCHRUN_STOP holds flags with plain values: unquoted, it expands into those words.",
         'srun --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run \\',
         f'  --nnodes="$SLURM_NNODES" --nproc-per-node={cluster.procs_per_node} \\',
         '  --rdzv-id="$SLURM_JOB_ID" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \\',
-        "  --max-restarts=0 --tee=3 $TORCHRUN_STOP \\",
+        f"  --max-restarts={cluster.max_restarts} --tee=3 $TORCHRUN_STOP \\",
         '  -m bigscience_train.train --config-file "$CONFIG"',
     ]
 

@@ -9,6 +9,7 @@ training (zero-shot tasks on the live model) is attached from outside as step ho
 from __future__ import annotations
 
 import math
+import os
 import random
 import socket
 import statistics
@@ -34,7 +35,7 @@ from bigscience_train.data.gpt_data import build_splits, collate
 from bigscience_train.data.sampling import micro_batch_indices
 from bigscience_train.data.tokenizer import Tokenizer
 from bigscience_train.fsutil import atomic_write_text
-from bigscience_train.last_stop import FINISHED_STOPS, write_last_stop
+from bigscience_train.last_stop import FAILED_STOPS, FINISHED_STOPS, read_last_stop, write_last_stop
 from bigscience_train.metrics.flops import flops_per_iteration
 from bigscience_train.metrics.peak import device_peak_flops
 from bigscience_train.metrics.writer import MetricsWriter
@@ -340,6 +341,15 @@ class Trainer:
             print(f"resumed from {path} (step {self.state.step}, {self.state.consumed_tokens:,} tokens)")
         self._apply_rollback()
 
+    def _refuse_to_retry_a_failure(self) -> None:
+        """A process torchrun restarted in the same job (cluster.max_restarts) after the run stopped as failed
+        (non-finite losses, fp16 at its floor) would resume the stuck state: it stops with the same error."""
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+            return
+        last = read_last_stop(self.run_dir)
+        if last is not None and last["reason"] in FAILED_STOPS:
+            raise NonFiniteLossError(last["reason"], f"not retried: {last.get('error', last['reason'])}")
+
     def _apply_rollback(self) -> None:
         """A rollback asked for since the last job (checkpoint/rollback.py): from its step, skip to the furthest
         point the run reached and scale the learning rate."""
@@ -376,6 +386,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg, tr = self.cfg, self.cfg.train
+        self._refuse_to_retry_a_failure()
         if self.penv.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
