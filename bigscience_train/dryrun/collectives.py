@@ -57,7 +57,7 @@ class CollectiveRecorder(TorchDispatchMode):
         if func.namespace in ("c10d", "_c10d_functional") and name in KINDS:
             leaves = tree_leaves((args, kwargs))
             tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
-            group = next((self._group_name(x) for x in leaves if self._group_name(x) is not None), None)
+            group = next(filter(None, map(self._group_name, leaves)), None)
             largest = max(tensors, key=lambda t: t.numel())
             self.records.append(
                 Collective(

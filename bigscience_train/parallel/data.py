@@ -19,19 +19,17 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from bigscience_train.model.gpt import GPT
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from bigscience_train.parallel.precision import TORCH_DTYPES
 
 
 def apply_data_parallel(model: GPT, dp_mesh: DeviceMesh, zero: str, dtype: str, reduce_dtype: str) -> None:
     policy = MixedPrecisionPolicy(
-        param_dtype=None if dtype == "fp32" else DTYPES[dtype], reduce_dtype=DTYPES[reduce_dtype]
+        param_dtype=None if dtype == "fp32" else TORCH_DTYPES[dtype], reduce_dtype=TORCH_DTYPES[reduce_dtype]
     )
     if zero == "none":
         wrap = partial(replicate, mesh=dp_mesh, mp_policy=policy)

@@ -73,30 +73,25 @@ class TimedStage(PipelineStage):
     busy_seconds = 0.0
     reduce_seconds = 0.0
 
-    def _timed(self, work: Callable, *args, **kwargs):
+    def _timed(self, total: str, work: Callable, *args, **kwargs):
+        """Runs work, adding its seconds (the device's, on a GPU) to the attribute named `total`."""
         start = time.perf_counter()
         try:
             return work(*args, **kwargs)
         finally:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.busy_seconds += time.perf_counter() - start
+            setattr(self, total, getattr(self, total) + time.perf_counter() - start)
 
     def forward_one_chunk(self, *args, **kwargs):
-        return self._timed(super().forward_one_chunk, *args, **kwargs)
+        return self._timed("busy_seconds", super().forward_one_chunk, *args, **kwargs)
 
     def backward_one_chunk(self, *args, **kwargs):
-        return self._timed(super().backward_one_chunk, *args, **kwargs)
+        return self._timed("busy_seconds", super().backward_one_chunk, *args, **kwargs)
 
     def perform_reduce_grad(self, *args, **kwargs):
         # The data-parallel reduction the schedule runs after the last backward: communication, not compute.
-        start = time.perf_counter()
-        try:
-            return super().perform_reduce_grad(*args, **kwargs)
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.reduce_seconds += time.perf_counter() - start
+        return self._timed("reduce_seconds", super().perform_reduce_grad, *args, **kwargs)
 
 
 class Pipeline:

@@ -6,10 +6,10 @@ import contextlib
 
 import torch
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(dtype: str, device: torch.device):
     if dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[dtype])
+    return torch.autocast(device_type=device.type, dtype=TORCH_DTYPES[dtype])
