@@ -219,6 +219,12 @@ def _plan(args: argparse.Namespace) -> int:
     problems = [p for p in config_problems(cfg, cluster_world_size(cfg.cluster)) if p != NO_END]
     if problems:
         raise ConfigError(problems)
+    if args.measure:
+        from bigscience_train.dryrun.measured_plan import format_measured, measure_plan, to_json
+
+        results = measure_plan(cfg, args.overrides, args.rank, args.mode)
+        print(to_json(results) if args.json else format_measured(results))
+        return 0
     print(format_plan(cfg, make_plan(cfg, layout_of(cfg))))
     return 0
 
@@ -265,6 +271,21 @@ def _ckpt_import_hf(args: argparse.Namespace) -> int:
         f"wrote run directory {out} (weights at step 0); continue training with "
         f"`bigscience train train.load={out} train.finetune=true ...`"
     )
+    return 0
+
+
+def _config_from_megds(args: argparse.Namespace) -> int:
+    import json
+
+    from bigscience_train.config.from_megds import check, convert
+    from bigscience_train.config.megds_result import format_conversion, to_json
+
+    conversion = convert(args.file)
+    world, problems = check(conversion)
+    if args.json:
+        print(json.dumps(to_json(conversion, world, problems), indent=2))
+    else:
+        print(format_conversion(conversion, world, problems), end="")
     return 0
 
 
@@ -373,8 +394,39 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="memory and throughput estimate of a config on its cluster")
     plan.add_argument("--search", action="store_true", help="rank the layouts that fit, fastest first")
     plan.add_argument("--top", type=int, default=10, help="layouts shown by --search")
+    plan.add_argument(
+        "--measure",
+        action="store_true",
+        help="become one rank of the job in this process (fake process group), build and train a step of it, "
+        "and measure its memory and collectives beside the plan",
+    )
+    plan.add_argument(
+        "--rank",
+        type=int,
+        action="append",
+        help="with --measure: this rank (repeatable); default: first and last stage",
+    )
+    plan.add_argument(
+        "--mode",
+        choices=("auto", "real", "fake"),
+        default="auto",
+        help="with --measure: compute the step on this CPU (real), shapes only under FakeTensorMode (fake), or "
+        "real where the rank's step is small enough here (auto)",
+    )
+    plan.add_argument("--json", action="store_true", help="with --measure: print JSON")
     plan.add_argument("overrides", nargs="*", help="Hydra overrides (model=, parallel.*, cluster=, ...)")
     plan.set_defaults(func=_plan)
+
+    config = sub.add_parser("config", help="convert other launch configurations into overrides of ours")
+    cfgsub = config.add_subparsers(dest="config_command", required=True)
+    megds = cfgsub.add_parser(
+        "from-megds",
+        help="a Megatron-DeepSpeed launch (argument list, or .slurm script and its DeepSpeed JSON) as "
+        "overrides and a cluster preset, naming every argument it cannot map",
+    )
+    megds.add_argument("file", help="a file of --arguments, or a bash/Slurm script running pretrain_*.py")
+    megds.add_argument("--json", action="store_true", help="overrides, unmapped arguments and notes as JSON")
+    megds.set_defaults(func=_config_from_megds)
 
     report = sub.add_parser("report", help="plots, carbon totals and summary of a run: RUN/report/index.html")
     report.add_argument("run", help="run directory (a finished run, one still going, or a chain)")

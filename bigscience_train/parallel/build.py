@@ -1,6 +1,6 @@
 """A GPT made parallel for this process's place in the mesh, and the one interface training and evaluation run it
 through. The whole model, or this rank's pipeline stages, each built on the meta device and made
-recomputing, tensor-parallel, compiled and data-parallel from outside; only then is storage allocated, for
+tensor-parallel, recomputing, compiled and data-parallel from outside; only then is storage allocated, for
 this rank's shards alone, and initialised with the values the whole model has there (model/init.py).
 
 `ParallelModel` owns every layout-dependent step of a training step: the micro-batch loop (or the pipeline
@@ -9,6 +9,8 @@ FSDP does not do, and clipping. The trainer calls it the same way for every layo
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -19,13 +21,14 @@ from bigscience_train.parallel.data import apply_data_parallel, sync_micro_batch
 from bigscience_train.parallel.env import ParallelEnv
 from bigscience_train.parallel.loss import masked_lm_loss_sum
 from bigscience_train.parallel.pipeline import Pipeline, local_stage_ids, stage_layers, theoretical_bubble
-from bigscience_train.parallel.precision import autocast
+from bigscience_train.parallel.precision import TORCH_DTYPES, autocast
 from bigscience_train.parallel.recompute import apply_recompute
 from bigscience_train.parallel.tensor import (
     align_grads_with_params,
     apply_tensor_parallel,
     average_replicated_grads,
     clip_grad_norm,
+    global_grad_norm,
     local_part,
     local_tensor,
     loss_context,
@@ -43,7 +46,10 @@ class ParallelModel:
         dtype: str = "fp32",
         compile_blocks: bool = False,
         fused_output_loss: bool = False,
+        storage: contextlib.AbstractContextManager | None = None,
     ):
+        """storage: entered where the rank's shards are allocated and initialised (a dry run's
+        FakeTensorMode); the meta model, its plans and its mesh are built outside it."""
         dims = penv.dims
         self.shape, self.penv, self.dims, self.dtype = shape, penv, dims, dtype
         self.num_parameters = count_parameters(build_on_meta(shape))
@@ -54,21 +60,33 @@ class ParallelModel:
         else:
             parts = [build_on_meta(shape)]
         for part in parts:
-            apply_recompute(part, dims.recompute)
+            # Tensor parallelism first: its plan names the blocks' submodules, which recompute wraps.
             if dims.tp > 1:
                 apply_tensor_parallel(part, penv.mesh["tp"], dims.sequence_parallel)
+            apply_recompute(part, dims.recompute)
             if compile_blocks:
                 # In place (Module.compile): parameter names, and so checkpoints, stay the same.
                 for block in part.transformer.h.values():
                     block.compile()
             if dims.dp > 1:
                 apply_data_parallel(part, penv.mesh["dp"], dims.dp_shard, dtype, dims.reduce_dtype)
-            part.to_empty(device=penv.device)
-            part.init_weights(seed, local_part)
+            with storage or contextlib.nullcontext():
+                part.to_empty(device=penv.device)
+                part.init_weights(seed, local_part)
         self.pipeline: Pipeline | None = None
         if dims.pp > 1:
+            half = dtype != "fp32"
             self.pipeline = Pipeline(
-                parts, stage_ids, dims.num_stages, penv.mesh["pp"], penv.device, dims.pp_schedule
+                parts,
+                stage_ids,
+                dims.num_stages,
+                penv.mesh["pp"],
+                penv.device,
+                dims.pp_schedule,
+                # Data-parallel mixed precision casts each stage's inputs; autocast alone keeps them fp32.
+                hidden_dtype=TORCH_DTYPES[dtype] if half and dims.dp > 1 else torch.float32,
+                logits_dtype=TORCH_DTYPES[dtype],
+                tp_mesh=penv.mesh["tp"] if dims.tp > 1 else None,
             )
             # The rank's parameters under the whole model's names (optimizer, checkpoints).
             self.model: GPT = self.pipeline.model
@@ -160,13 +178,16 @@ class ParallelModel:
             torch._foreach_mul_([local_tensor(p.grad) for p in params], 1.0 / loss_scale)
         return params
 
-    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
-        """The global gradient norm over every rank's parameters (each counted once), clipped to max_norm."""
+    def _norm_groups(self) -> tuple:
         pipeline = self.pipeline
+        return (pipeline.group, pipeline.duplicate()) if pipeline else (None, None)
+
+    def grad_norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        """The global gradient norm over every rank's parameters (each counted once), as a tensor."""
         with self.comm_wait.blocking():
-            return clip_grad_norm(
-                params,
-                max_norm,
-                pipeline.group if pipeline else None,
-                pipeline.duplicate() if pipeline else None,
-            )
+            return global_grad_norm(params, *self._norm_groups())
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        """The global gradient norm, with the gradients clipped to max_norm."""
+        with self.comm_wait.blocking():
+            return clip_grad_norm(params, max_norm, *self._norm_groups())

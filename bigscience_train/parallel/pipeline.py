@@ -25,6 +25,7 @@ from torch.distributed.pipelining.schedules import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
 )
+from torch.distributed.tensor import DTensor, Shard
 
 from bigscience_train.model.gpt import EMBEDDING_MODULES, GPT, build_on_meta
 from bigscience_train.parallel.tensor import local_tensor
@@ -105,24 +106,71 @@ class Pipeline:
         pp_mesh: DeviceMesh,
         device: torch.device,
         schedule: str,
+        hidden_dtype: torch.dtype,
+        logits_dtype: torch.dtype,
+        tp_mesh: DeviceMesh | None,
     ):
+        """hidden_dtype and logits_dtype: what stages send (data-parallel mixed precision casts the residual
+        stream, autocast alone keeps it fp32); tp_mesh: the mesh of vocab-parallel logits, None without TP."""
         self.parts, self.stage_ids, self.num_stages = parts, stage_ids, num_stages
+        self.hidden_dtype, self.logits_dtype, self.tp_mesh = hidden_dtype, logits_dtype, tp_mesh
         self.group = pp_mesh.get_group()
         self.pp = pp_mesh.size()
         self.device, self.schedule_name = device, schedule
         self.model = rank_model(parts)
         self.has_first = 0 in stage_ids
         self.has_last = num_stages - 1 in stage_ids
-        self._schedules: dict[int, tuple[list[TimedStage], object]] = {}
+        self._schedules: dict[tuple[int, int, int], tuple[list[TimedStage], object]] = {}
         self._forward_schedule: ScheduleGPipe | None = None
         self.loss_fn: Callable | None = None
         # The last pass's seconds in its data-parallel gradient reduction.
         self.reduce_seconds = 0.0
 
-    def _schedule(self, micro_batches: int):
-        if micro_batches not in self._schedules:
+    def _stage_tensors(self, part: GPT, stage_id: int, micro_batch: int, seq: int) -> dict:
+        """Example tensors (on the meta device) of what the stage receives and sends, so that stages are
+        built static: no shape exchange over the process group, which a dry run's fake group cannot do."""
+
+        def hidden() -> torch.Tensor:
+            h, rows = part.shape.hidden_size, seq // part.sequence_shards
+            # requires_grad: the stage derives from it that a gradient travels back.
+            return torch.empty(
+                micro_batch, rows, h, dtype=self.hidden_dtype, device="meta", requires_grad=True
+            )
+
+        first, last = stage_id == 0, stage_id == self.num_stages - 1
+        inputs = torch.empty(micro_batch, seq, dtype=torch.long, device="meta") if first else hidden()
+        if not last:
+            return {"input_args": inputs, "output_args": hidden()}
+        vocab = part.shape.vocab_size
+        if self.tp_mesh is None:
+            logits = torch.empty(
+                micro_batch, seq, vocab, dtype=self.logits_dtype, device="meta", requires_grad=True
+            )
+            return {"input_args": inputs, "output_args": logits}
+        local = torch.empty(
+            micro_batch,
+            seq,
+            vocab // self.tp_mesh.size(),
+            dtype=self.logits_dtype,
+            device="meta",
+            requires_grad=True,
+        )
+        logits = DTensor.from_local(local, self.tp_mesh, [Shard(-1)], run_check=False)
+        # Vocab-parallel logits are a DTensor: a static stage then also needs its gradients' layouts.
+        return {"input_args": inputs, "output_args": logits, "input_grads": inputs, "output_grads": logits}
+
+    def _schedule(self, micro_batches: int, micro_batch: int, seq: int):
+        key = (micro_batches, micro_batch, seq)
+        if key not in self._schedules:
             stages = [
-                TimedStage(part, sid, self.num_stages, self.device, group=self.group)
+                TimedStage(
+                    part,
+                    sid,
+                    self.num_stages,
+                    self.device,
+                    group=self.group,
+                    **self._stage_tensors(part, sid, micro_batch, seq),
+                )
                 for part, sid in zip(self.parts, self.stage_ids, strict=True)
             ]
             cls = SCHEDULES[self.schedule_name]
@@ -133,8 +181,8 @@ class Pipeline:
                 loss_fn=self._loss,
                 scale_grads=False,
             )
-            self._schedules[micro_batches] = (stages, schedule)
-        return self._schedules[micro_batches]
+            self._schedules[key] = (stages, schedule)
+        return self._schedules[key]
 
     def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # Set by the caller for each pass: its closure also records each micro-batch's loss and tokens.
@@ -143,14 +191,17 @@ class Pipeline:
     def run(self, tokens: torch.Tensor, target: torch.Tensor, micro_batches: int, train: bool) -> float:
         """One pass over the batch (split into micro-batches by the schedule): forward and backward when
         training, forward only otherwise. The loss function sees each micro-batch's output on the last
-        stage. Returns this rank's idle fraction of the pass."""
-        stages, schedule = self._schedule(micro_batches)
+        stage. Every rank passes the batch's tokens (only the first stage computes on them: the others
+        read their shape). Returns this rank's idle fraction of the pass."""
+        stages, schedule = self._schedule(micro_batches, tokens.shape[0] // micro_batches, tokens.shape[1])
         for stage in stages:
             stage.busy_seconds = stage.reduce_seconds = 0.0
         args = (tokens,) if self.has_first else ()
         kwargs = {"target": target} if self.has_last else {}
         start = time.perf_counter()
-        (schedule.step if train else schedule.eval)(*args, **kwargs)
+        # The loss function records what a pass yields: kept for the schedule to return, the last stage's
+        # logits of every micro-batch would stay alive to the end of the step.
+        (schedule.step if train else schedule.eval)(*args, return_outputs=False, **kwargs)
         elapsed = time.perf_counter() - start
         self.reduce_seconds = sum(s.reduce_seconds for s in stages)
         return max(0.0, 1.0 - sum(s.busy_seconds for s in stages) / elapsed)

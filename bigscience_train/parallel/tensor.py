@@ -19,6 +19,7 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -103,7 +104,9 @@ def local_part(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The part of a parameter this rank holds, and its offset in the whole one (model/init.py)."""
     if not isinstance(param, DTensor):
         return param, (0,) * param.ndim
-    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    # Index arithmetic on the mesh's coordinates: done on real tensors, also under a dry run's FakeTensorMode.
+    with unset_fake_temporarily():
+        _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     return param.to_local(), tuple(offset)
 
 
@@ -157,16 +160,15 @@ def all_reduce_flat(tensors: list[torch.Tensor], group, divide_by: int = 1) -> N
         offset += t.numel()
 
 
-def clip_grad_norm(
+def global_grad_norm(
     params: list[torch.nn.Parameter],
-    max_norm: float,
     pipeline_group=None,
     duplicate: torch.nn.Parameter | None = None,
-) -> float:
-    """torch's clip_grad_norm_ over any mix of plain and DTensor gradients (TP, FSDP, both): each parameter is
-    counted once, a sharded gradient's norm assembled over the mesh dimensions it is sharded on. Pipeline
-    stages hold different parameters: their squared norms are summed over `pipeline_group`, where the last
-    stage's copy of a tied embedding (`duplicate`) is clipped but not counted. max_norm <= 0: measure only."""
+) -> torch.Tensor:
+    """The gradient norm over every rank's parameters (any mix of plain and DTensor gradients: TP, FSDP,
+    both), as a tensor: each parameter counted once, a sharded gradient's norm assembled over the mesh
+    dimensions it is sharded on. Pipeline stages hold different parameters: their squared norms are summed
+    over `pipeline_group`, where the last stage's copy of a tied embedding (`duplicate`) is not counted."""
     params = [p for p in params if p.grad is not None]
     grads = [p.grad for p in params]
     local = [local_tensor(g) for g in grads]
@@ -192,10 +194,22 @@ def clip_grad_norm(
         total_sq = total_sq + torch.where(torch.isfinite(copy_norm), 0.0, float("inf"))
     if pipeline_group is not None:
         dist.all_reduce(total_sq, op=dist.ReduceOp.SUM, group=pipeline_group)
-    total = total_sq.sqrt()
+    return total_sq.sqrt()
+
+
+def clip_grad_norm(
+    params: list[torch.nn.Parameter],
+    max_norm: float,
+    pipeline_group=None,
+    duplicate: torch.nn.Parameter | None = None,
+) -> float:
+    """torch's clip_grad_norm_ over this layout's gradients (global_grad_norm); max_norm <= 0: measure only."""
+    total = global_grad_norm(params, pipeline_group, duplicate)
     norm = total.item()
     # Scaled only when the norm is over the limit (a non-finite norm skips the step anyway): most steps of a
     # run are not clipped, and multiplying every gradient by 1.0 costs a pass over all of them.
     if max_norm > 0 and max_norm < norm + 1e-6:
-        torch._foreach_mul_(local, max_norm / (total + 1e-6))
+        torch._foreach_mul_(
+            [local_tensor(p.grad) for p in params if p.grad is not None], max_norm / (total + 1e-6)
+        )
     return norm

@@ -7,16 +7,19 @@ gradients 4 B, AdamW's two moments 8 B (parallel/data.py has the data-parallel m
 
 - weights and optimizer states: 4 P_r and 8 P_r, divided by d when sharded (zero1 / zero2 / zero3).
 - gradients: 4 P_r whole for replicas; sharded, 4 P_r / d, plus the whole ones a step accumulates before
-  its one reduction (zero1 over several micro batches, any mode through a pipeline): 4 P_r in fp32.
+  its one reduction (zero1 over several micro batches, any mode through a pipeline): r P_r in the reduce
+  dtype (r = 4 B for fp32), where FSDP accumulates them.
 - gathered parameters (dp > 1, in the training dtype): zero1 and zero2 keep every unit gathered through the
   step: w P_r; zero3 two layers at a time: 2 w P_layer; replicas in bf16/fp16 compute from a w P_r copy.
 - autocast weight cache (bf16/fp16 without data parallelism): each matmul weight cast once per step, 2 B per
   matmul parameter.
-- autocast weight cache (bf16/fp16): each matmul weight cast once per step, 2 B per matmul parameter.
-- activations, per layer and micro batch, with sbh = s*b*h elements (inputs saved for backward):
+- activations, per layer and micro batch, with sbh = s*b*h elements (inputs saved for backward); below, fp32
+  residuals are autocast's: with dp > 1 FSDP's mixed precision casts each unit's inputs, and the residual
+  stream is in the training dtype (w B):
     none       fp32: 4(4 + 13/t) sbh B       bf16/fp16: (12 + 26/t) sbh B
     selective  fp32: 4(3 + 8/t) sbh B        bf16/fp16: (8 + 16/t) sbh B   (matmul outputs kept)
-    full       4 sbh B (the block input), plus one layer's `none` activations while it is recomputed
+    full       the block input, 4 sbh B (w sbh B with dp > 1), plus one layer's `none` activations while it
+               is recomputed
   The fp32 residual stream and layernorm inputs stay 4 B under autocast; matmul inputs and outputs are 2 B.
 - the ALiBi bias, (a/t) s^2 B x (2 or 4): one per model part on the rank (v with interleaved stages), shared by
   all layers and micro batches and kept from step to step.
@@ -24,10 +27,13 @@ gradients 4 B, AdamW's two moments 8 B (parallel/data.py has the data-parallel m
   log-softmax 8 bsV/t B in fp32 (10 bsV/t B with autocast: bf16 logits, then fp32). With the fused output
   loss instead (train.fused_output_loss, on the layouts ParallelDims.fused_output_loss allows): one chunk of
   c tokens' logits, 4 cV B (6 cV B with autocast), and the gradients it computes in forward, 4 sbh + 4 Vh B.
-- micro batches in flight on the first stage: 1 without pipeline, min(p, m) for 1F1B, m for GPipe,
-  p + (p - 1)/v for interleaved 1F1B with v virtual stages (Narayanan et al. 2021).
+- micro batches in flight on stage k: 1 without pipeline, min(p - k, m) for 1F1B, m for GPipe,
+  p + (p - 1)/v - k for interleaved 1F1B with v virtual stages (Narayanan et al. 2021).
+- pipeline buffers: torch's schedules keep a receive buffer per micro batch and direction, m sbh each in the
+  residual stream's dtype (activations received by every stage but the first, gradients by every stage but
+  the last), from step to step.
 - temporary buffers: the logits' gradient 4 bsV/t B (none when fused); the foreach AdamW step's one fp32
-  copy of the states it updates, 4 P_r (/d sharded); pipeline send/receive buffers 2 x 4 sbh B.
+  copy of the states it updates, 4 P_r (/d sharded).
 
 The peak is the larger of forward/backward (everything but the optimizer temporary) and the optimizer step
 (states, weights, gradients and its temporary; activations are freed by then).
@@ -44,6 +50,23 @@ from bigscience_train.parallel.dims import ParallelDims
 GIB = 1024**3
 # Memory that lives only from a micro batch's forward to its backward.
 _TRANSIENT = ("activations", "recomputed layer", "logits", "temporary buffers")
+# The planner's terms under the kinds a dry run measures (dryrun/rank_step.py): what it cannot tell apart
+# (everything a step allocates and frees) it measures together as activations.
+MEASURED_KINDS = {
+    "weights": ("weights",),
+    "gradients": ("gradients",),
+    "optimizer states": ("optimizer states",),
+    "gathered parameters": ("gathered parameters",),
+    "buffers": ("ALiBi bias",),
+    "activations": (
+        "activations",
+        "recomputed layer",
+        "logits",
+        "pipeline buffers",
+        "temporary buffers",
+        "autocast weight copies",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -136,13 +159,60 @@ class MemoryEstimate:
         return max(self.forward_backward_peak, self.optimizer_peak)
 
 
-def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
-    dims = layout.dims
-    t, d = dims.tp, dims.dp
+@dataclass(frozen=True)
+class StageRank:
+    """What one rank of pipeline stage k holds, and the byte widths its tensors have."""
+
+    layers: int
+    has_embedding: bool
+    has_output: bool
+    parameters: int  # P_r: the rank's share of the stage's parameters
+    per_rank_layer: int
+    w: int  # training dtype
+    hidden: (
+        int  # the residual stream: data-parallel mixed precision casts each unit's inputs, autocast does not
+    )
+    reduce: int  # the gradient reduction's dtype
+
+
+def stage_rank(cfg, dims: ParallelDims, stage: int) -> StageRank:
     half = cfg.precision.dtype.value != "fp32"
+    w = 2 if half else 4
     shape = dims.model_shape(cfg.model)
-    counts = parameter_counts(shape, t)
-    first, _, last = stage_layers(shape.num_layers, dims.pp, dims.pp_count_embeddings)
+    counts = parameter_counts(shape, dims.tp)
+    first, middle, last = stage_layers(shape.num_layers, dims.pp, dims.pp_count_embeddings)
+    has_embedding, has_output = stage == 0, stage == dims.pp - 1
+    layers = first if has_embedding else last if has_output else middle
+    p_rank = layers * counts.per_rank_layer
+    p_rank += counts.per_rank_embedding if has_embedding or (has_output and shape.tie_embeddings) else 0
+    p_rank += counts.per_rank_final if has_output else 0
+    return StageRank(
+        layers,
+        has_embedding,
+        has_output,
+        p_rank,
+        counts.per_rank_layer,
+        w,
+        hidden=w if half and dims.dp > 1 else 4,
+        reduce=4 if dims.reduce_dtype == "fp32" else 2,
+    )
+
+
+def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
+    """The heaviest stage's estimate: the first (embedding, most micro batches in flight) or the last (logits)."""
+    estimates = [stage_memory(cfg, layout, global_batch, k) for k in {0, layout.dims.pp - 1}]
+    return max(estimates, key=lambda e: e.peak)
+
+
+def stage_memory(cfg, layout: Layout, global_batch: int, stage: int) -> MemoryEstimate:
+    """One rank of pipeline stage `stage` (0 .. pp - 1)."""
+    dims = layout.dims
+    t, d, p = dims.tp, dims.dp, dims.pp
+    half = cfg.precision.dtype.value != "fp32"
+    rank = stage_rank(cfg, dims, stage)
+    w, hidden_bytes, layers, p_rank = rank.w, rank.hidden, rank.layers, rank.parameters
+    has_embedding, has_output = rank.has_embedding, rank.has_output
+    shape = dims.model_shape(cfg.model)
     h, s, b, v = shape.hidden_size, shape.seq_length, layout.micro_batch, shape.vocab_size
     sbh = s * b * h
     micro_batches = layout.micro_batches(global_batch)
@@ -155,56 +225,61 @@ def estimate_memory(cfg, layout: Layout, global_batch: int) -> MemoryEstimate:
         logits = (10 if half else 8) * b * s * v / t + 4 * sbh * 2
     logits_grad = 0 if fused else 4 * b * s * v / t
 
-    best: MemoryEstimate | None = None
-    stages = [(first, True, dims.pp == 1)] + ([(last, False, True)] if dims.pp > 1 else [])
-    for layers, has_embedding, has_output in stages:
-        p_rank = layers * counts.per_rank_layer
-        p_rank += counts.per_rank_embedding if has_embedding or (has_output and shape.tie_embeddings) else 0
-        p_rank += counts.per_rank_final if has_output else 0
-        shard = d if dims.fsdp else 1
-        whole_gradients = dims.fsdp and (dims.pp > 1 or (dims.dp_shard == "zero1" and micro_batches > 1))
-        terms = {
-            "weights": 4 * p_rank / shard,
-            "gradients": 4 * p_rank / shard + (4 * p_rank if whole_gradients else 0),
-            "optimizer states": 8 * p_rank / shard,
-        }
-        w = 2 if half else 4
-        if dims.fsdp and dims.dp_shard in ("zero1", "zero2"):
-            terms["gathered parameters"] = w * p_rank
-        elif dims.fsdp and dims.dp_shard == "zero3":
-            terms["gathered parameters"] = 2 * w * counts.per_rank_layer
-        elif dims.replicas and half:
-            terms["gathered parameters"] = w * p_rank
-        if bias:
-            terms["ALiBi bias"] = bias * (dims.virtual_stages if dims.pp > 1 else 1)
-        if half and d == 1:
-            terms["autocast weight copies"] = 2 * layers * 12 * h * h / t
-        flight = in_flight(dims, micro_batches) if has_embedding else 1.0
-        per_micro_batch = layers * layer_activation_bytes(sbh, t, dims.recompute, half)
-        per_micro_batch += 4 * sbh if has_embedding and shape.embedding_layernorm else 0
-        terms["activations"] = per_micro_batch * flight
-        if dims.recompute == "full":
-            terms["recomputed layer"] = layer_activation_bytes(sbh, t, "none", half)
-        if has_output:
-            terms["logits"] = logits
-        temp = (logits_grad if has_output else 0) + (2 * 4 * sbh if dims.pp > 1 else 0)
-        terms["temporary buffers"] = temp
-        # The optimizer step sees only reduced gradients: whole ones accumulated for one reduction are gone.
-        states = terms["weights"] + 4 * p_rank / shard + terms["optimizer states"]
-        transient = sum(terms.get(k, 0.0) for k in _TRANSIENT)
-        persistent = sum(terms.values()) - transient - terms["gradients"]
-        if micro_batches == 1 and dims.pp == 1:
-            # Gradients are created (set_to_none each step) as backward frees the activations: with one
-            # micro batch, the two peak at opposite ends of backward.
-            forward_backward = persistent + max(terms["gradients"], transient)
-        else:
-            forward_backward = persistent + terms["gradients"] + transient
-        estimate = MemoryEstimate(
-            terms,
-            forward_backward_peak=forward_backward,
-            optimizer_peak=states + terms.get("ALiBi bias", 0.0) + 4 * p_rank / shard,
-            parameters_per_rank=p_rank,
-        )
-        if best is None or estimate.peak > best.peak:
-            best = estimate
-    return best
+    shard = d if dims.fsdp else 1
+    whole_gradients = dims.fsdp and (p > 1 or (dims.dp_shard == "zero1" and micro_batches > 1))
+    terms = {
+        "weights": 4 * p_rank / shard,
+        "gradients": 4 * p_rank / shard + (rank.reduce * p_rank if whole_gradients else 0),
+        "optimizer states": 8 * p_rank / shard,
+    }
+    if dims.fsdp and dims.dp_shard in ("zero1", "zero2"):
+        terms["gathered parameters"] = w * p_rank
+    elif dims.fsdp and dims.dp_shard == "zero3":
+        terms["gathered parameters"] = 2 * w * rank.per_rank_layer
+    elif dims.replicas and half:
+        terms["gathered parameters"] = w * p_rank
+    if bias:
+        terms["ALiBi bias"] = bias * (dims.virtual_stages if p > 1 else 1)
+    if half and d == 1:
+        terms["autocast weight copies"] = 2 * layers * 12 * h * h / t
+    if p == 1 or dims.pp_schedule == "gpipe":
+        flight = in_flight(dims, micro_batches)
+    elif dims.pp_schedule == "interleaved_1f1b":
+        flight = max(1.0, in_flight(dims, micro_batches) - stage)
+    else:
+        flight = float(min(p - stage, micro_batches))
+    if dims.recompute == "full":
+        per_layer = hidden_bytes * sbh
+    else:
+        per_layer = layer_activation_bytes(sbh, t, dims.recompute, half)
+    per_micro_batch = layers * per_layer + (4 * sbh if has_embedding and shape.embedding_layernorm else 0)
+    terms["activations"] = per_micro_batch * flight
+    if dims.recompute == "full":
+        terms["recomputed layer"] = layer_activation_bytes(sbh, t, "none", half)
+    if has_output:
+        terms["logits"] = logits
+    if p > 1:
+        # torch's schedules give every micro batch its own receive buffers: activations from the previous
+        # stage, gradients from the next.
+        directions = (stage > 0) + (stage < p - 1)
+        terms["pipeline buffers"] = directions * micro_batches * hidden_bytes * sbh
+    terms["temporary buffers"] = logits_grad if has_output else 0
+    # The optimizer step sees only reduced gradients: whole ones accumulated for one reduction are gone.
+    states = terms["weights"] + 4 * p_rank / shard + terms["optimizer states"]
+    transient = sum(terms.get(k, 0.0) for k in _TRANSIENT)
+    persistent = sum(terms.values()) - transient - terms["gradients"]
+    if micro_batches == 1 and p == 1:
+        # Gradients are created (set_to_none each step) as backward frees the activations: with one
+        # micro batch, the two peak at opposite ends of backward.
+        forward_backward = persistent + max(terms["gradients"], transient)
+    else:
+        forward_backward = persistent + terms["gradients"] + transient
+    return MemoryEstimate(
+        terms,
+        forward_backward_peak=forward_backward,
+        optimizer_peak=states
+        + terms.get("ALiBi bias", 0.0)
+        + terms.get("pipeline buffers", 0.0)
+        + 4 * p_rank / shard,
+        parameters_per_rank=p_rank,
+    )

@@ -1,0 +1,128 @@
+"""`bigscience plan --measure`: one rank of BigScience's real layouts built and stepped in this process (fake
+process group, FakeTensorMode), its memory and traffic beside the planner's."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_plan import TR1_13B
+
+MEASURE_TIMEOUT = 420
+
+
+def measure(overrides: list[str], *flags: str) -> list[dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", "bigscience_train.cli", "plan", "--measure", "--json", *flags, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=MEASURE_TIMEOUT,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout)
+
+
+def rows(result: dict, table: str) -> dict[str, dict]:
+    return {row["name"]: row for row in result[table]}
+
+
+def assert_close(result: dict, table: str, names, tolerance: float = 0.10) -> None:
+    for name in names:
+        row = rows(result, table)[name]
+        assert row["error"] is not None and abs(row["error"]) <= tolerance, (name, row)
+
+
+# Activations are left out: a rank's transient peak on CPU (the first stage's embedding gradient in fp32,
+# attention's CPU kernel) is not yet what the planner models.
+PLANNED = ("weights", "gradients", "optimizer states", "gathered parameters", "peak")
+
+
+def test_tr1_13b_first_and_last_stage_at_bigscience_layout():
+    """TP2 PP4 DP64 with ZeRO-1 in fp16 and full recompute: 512 ranks, of which ranks 0 and 384 measured."""
+    first, last = measure([*TR1_13B, "parallel=tr1_13b"])
+    for result, stage in ((first, 0), (last, 3)):
+        m = result["measurement"]
+        assert m["mode"] == "fake" and m["coords"] == {"pp": stage, "dp": 0, "tp": 0}
+        assert_close(result, "memory", PLANNED)
+        assert_close(result, "traffic", ("dp", "tp", "pp"))
+        # ZeRO-1: 11 units (10 blocks, then the rest) gathered in fp16 once, reduced in fp32 once.
+        assert m["collectives"]["dp"]["all_gather float16"][0] == 11
+        assert m["collectives"]["dp"]["reduce_scatter float32"][0] == 11
+        # Each of the 16 micro-batches crosses the one stage boundary both ways, in fp16.
+        assert m["collectives"]["pp"]["send float16"][0] == 16
+        # Only this rank's shards: 1/2 of each layer (tp) and 1/64 of that (ZeRO-1) in fp32.
+        assert m["memory"]["weights"] < 0.12 * 2**30
+        assert m["build_peak"] < 1.5 * m["memory"]["weights"] + 64 * 2**20
+    # The last stage does not keep every micro-batch's logits to the end of the step.
+    assert last["measurement"]["peak"] < 12 * 2**30
+
+
+def test_gpt_1b3_with_zero3_gathers_twice_per_micro_batch():
+    result = measure(
+        [
+            "model=gpt_1b3",
+            "parallel.tp=4",
+            "parallel.dp_shard=zero3",
+            "cluster=jean_zay_a100",
+            "cluster.nodes=4",
+            "precision=bf16",
+            "train.global_batch_size=16",
+        ]
+    )[0]
+    m = result["measurement"]
+    assert m["coords"] == {"pp": 0, "dp": 0, "tp": 0} and m["stages"] == [0]
+    assert_close(result, "memory", ("weights", "optimizer states"))
+    assert_close(result, "traffic", ("dp", "tp"))
+    # 25 units, 2 micro-batches: gathered for each forward and each backward, reduced after each backward.
+    assert m["collectives"]["dp"]["all_gather bfloat16"][0] == 2 * 2 * 25
+    assert m["collectives"]["dp"]["reduce_scatter float32"][0] == 2 * 25
+
+
+def test_small_rank_is_computed_for_real_and_bad_rank_is_refused():
+    tiny = [
+        "model=gpt_tiny",
+        "parallel.tp=2",
+        "parallel.pp=2",
+        "parallel.dp_shard=zero1",
+        "cluster=local",
+        "cluster.procs_per_node=8",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=1",
+    ]
+    result = measure(tiny, "--rank", "5")[0]
+    m = result["measurement"]
+    assert m["mode"] == "real" and m["coords"] == {"pp": 1, "dp": 0, "tp": 1}
+    assert_close(result, "memory", ("weights", "optimizer states", "gathered parameters"))
+    out = subprocess.run(
+        [sys.executable, "-m", "bigscience_train.cli", "plan", "--measure", "--rank", "8", *tiny],
+        capture_output=True,
+        text=True,
+        timeout=MEASURE_TIMEOUT,
+    )
+    assert out.returncode != 0 and "--rank 8 is not a rank of tp=2 pp=2 dp=2 zero1 (8 ranks)" in out.stderr
+
+
+@pytest.mark.parametrize("mode", ["fake"])
+def test_table_names_every_kind_and_dimension(mode):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bigscience_train.cli",
+            "plan",
+            "--measure",
+            "--mode",
+            mode,
+            "model=gpt_tiny",
+            "parallel.tp=2",
+            "cluster=local",
+            "cluster.procs_per_node=4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=MEASURE_TIMEOUT,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    for word in ("weights", "gradients", "optimizer states", "activations", "peak", "dp ", "tp ", ", fake:"):
+        assert word in out.stdout, (word, out.stdout)
