@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= data,hf,dev,carbon,wandb,eval
+EXTRAS ?= data,hf,dev,carbon,wandb,eval,deepspeed
+# DeepSpeed (the tests' Megatron-DeepSpeed checkpoints) installs without compiling its C++/CUDA ops.
+export DS_BUILD_OPS = 0
 # GPU machines take whatever torch the package's range resolves to; CPU machines pin the local CPU build so
 # no CUDA wheels are downloaded.
 CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints/cpu.txt)

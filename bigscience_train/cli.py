@@ -131,9 +131,26 @@ def _slurm_render(args: argparse.Namespace) -> int:
 
 
 def _slurm_submit(args: argparse.Namespace) -> int:
-    from bigscience_train.slurm.submit import active_jobs, prepare_training, sbatch
+    from bigscience_train.slurm.submit import active_jobs, check, prepare_training, sbatch
 
-    prepared = prepare_training(args.overrides, force=args.force)
+    fit = None
+    if not args.force and not args.no_measure:
+        from bigscience_train.config import load_config
+        from bigscience_train.dryrun.measured_plan import measured_fit
+
+        cfg = load_config(args.overrides)
+        # Everything but memory first: a dry run of a run that cannot start is wasted.
+        check(cfg, memory=False)
+        fit = measured_fit(cfg, args.overrides)
+        if fit is not None and not fit.fits:
+            raise ValueError(
+                "the layout does NOT fit, measured by a dry run of its heaviest ranks (--force submits anyway):\n"
+                + "\n".join(fit.lines)
+            )
+    # A measured fit decides; the formula's verdict only where nothing was measured.
+    prepared = prepare_training(args.overrides, force=args.force, memory=fit is None)
+    for line in fit.lines if fit else []:
+        print(line)
     run_dir = prepared.records[0][0]
     if args.dry_run:
         print(f"rendered {prepared.script_path} (not submitted: --dry-run)")
@@ -274,6 +291,23 @@ def _ckpt_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ckpt_import_megds(args: argparse.Namespace) -> int:
+    from bigscience_train.checkpoint.megds_import import import_megds
+    from bigscience_train.checkpoint.safe_load import UnsafeCheckpointError
+
+    try:
+        summary = import_megds(args.dir, args.out, args.vocab_size, args.weights_only)
+    except UnsafeCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.describe())
+    if summary.weights_only:
+        print(f"fine-tune with `bigscience train train.load={summary.out} train.finetune=true ...`")
+    else:
+        print(f"continue from step {summary.state.step} with `bigscience train train.load={summary.out} ...`")
+    return 0
+
+
 def _config_from_megds(args: argparse.Namespace) -> int:
     import json
 
@@ -376,6 +410,23 @@ def _parser() -> argparse.ArgumentParser:
         "--seq-length", type=int, default=2048, help="model.seq_length (ALiBi has no fixed length)"
     )
     cim.set_defaults(func=_ckpt_import_hf)
+    cmg = csub.add_parser(
+        "import-megds",
+        help="a Megatron-DeepSpeed checkpoint (regular or universal, any tp/pp) to a checkpoint of ours: "
+        "weights, optimizer, step",
+    )
+    cmg.add_argument("dir", help="the global_stepN/ directory (or a ds_to_universal output)")
+    cmg.add_argument("out", help="run directory to create (must not exist)")
+    cmg.add_argument(
+        "--vocab-size",
+        type=int,
+        help="embedding rows to write (default: the rows trained, padding included); padding rows beyond "
+        "are dropped, missing ones are zeros",
+    )
+    cmg.add_argument(
+        "--weights-only", action="store_true", help="the layer files' weights alone, without the optimizer"
+    )
+    cmg.set_defaults(func=_ckpt_import_megds)
 
     crb = csub.add_parser(
         "rollback",
@@ -445,6 +496,11 @@ def _parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="submit even if the run has jobs queued or is predicted not to fit",
+    )
+    ssubmit.add_argument(
+        "--no-measure",
+        action="store_true",
+        help="decide the fit on the planner's formula alone, without the dry run of the heaviest ranks",
     )
     ssubmit.add_argument("overrides", nargs="*", help="Hydra overrides")
     ssubmit.set_defaults(func=_slurm_submit)

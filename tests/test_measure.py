@@ -4,9 +4,12 @@ process group, FakeTensorMode), its memory and traffic beside the planner's."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from bigscience_train.cli import main
+from tests.conftest import data_overrides
 from tests.test_plan import TR1_13B
 
 MEASURE_TIMEOUT = 420
@@ -126,3 +129,34 @@ def test_table_names_every_kind_and_dimension(mode):
     assert out.returncode == 0, out.stderr[-4000:]
     for word in ("weights", "gradients", "optimizer states", "activations", "peak", "dp ", "tp ", ", fake:"):
         assert word in out.stdout, (word, out.stdout)
+
+
+def submit_overrides(tiny_data: dict, tmp_path: Path, device_gb: float) -> list[str]:
+    return [
+        *data_overrides(tiny_data, tmp_path / "run"),
+        "model=gpt_tiny",
+        "cluster=jean_zay_a100",
+        "cluster.nodes=1",
+        f"cluster.device_memory_gb={device_gb}",
+        f"cluster.workdir={tmp_path}",
+        "parallel.tp=2",
+        "parallel.pp=2",
+        "precision=bf16",
+        "train.global_batch_size=16",
+        "train.iters=10",
+    ]
+
+
+def test_submit_decides_the_fit_by_a_dry_run_of_the_heaviest_ranks(tiny_data, tmp_path, capsys):
+    assert main(["slurm", "submit", "--dry-run", *submit_overrides(tiny_data, tmp_path, 80)]) == 0
+    out = capsys.readouterr().out
+    assert "rank 0 (stage 0): measured peak" in out and "rank 4 (stage 1): measured peak" in out
+    assert "not submitted: --dry-run" in out
+    # A device of 1 MB: the measured ranks refuse it, naming what each holds.
+    assert (
+        main(["slurm", "submit", "--dry-run", *submit_overrides(tiny_data, tmp_path / "small", 0.001)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "does NOT fit, measured by a dry run of its heaviest ranks" in err and "--force" in err
+    assert "rank 4 (stage 1): measured peak" in err and "optimizer states" in err
+    assert not (tmp_path / "small" / "run").exists()

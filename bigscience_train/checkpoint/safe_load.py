@@ -8,12 +8,21 @@ metadata classes, and the items with torch.load(weights_only=True). The tensors 
 FileSystemReader.read_data already loads them with torch.load(weights_only=True). A file that needs any other
 global is refused with an UnsafeCheckpointError that names the file and the global.
 
+Megatron-DeepSpeed's files (layer, mp_rank, ZeRO and universal checkpoint files) are read by load_megds_file:
+torch.load(weights_only=True) with an explicit allow-list of the classes Megatron-DeepSpeed and DeepSpeed
+pickle besides tensors and containers: argparse.Namespace (Megatron's args), numpy's arrays and dtypes (the
+RNG state, under numpy 1's and numpy 2's module names), DeepSpeed's ZeroStageEnum, loss scalers and
+fragment_address, Megatron's enums. DeepSpeed's and Megatron's classes are read into stand-ins of ours with
+the same fields and values, so reading never imports either project. A file that needs any other global is
+refused with an UnsafeCheckpointError naming the file and the global.
+
 One process loads and saves with DCP's no_dist, whose warning that torch.distributed is off is silenced here:
 that is what we ask for.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import enum
 import importlib
@@ -24,6 +33,7 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
@@ -130,3 +140,88 @@ def safe_dcp_load(state_dict: dict, reader: SafeReader, no_dist: bool) -> None:
             if isinstance(failure, UnsafeCheckpointError):
                 raise failure from None
         raise
+
+
+class ZeroStageEnum(int, enum.Enum):
+    """deepspeed.runtime.zero.config.ZeroStageEnum."""
+
+    disabled = 0
+    optimizer_states = 1
+    gradients = 2
+    weights = 3
+
+
+@dataclasses.dataclass
+class FragmentAddress:
+    """deepspeed.utils.tensor_fragment.fragment_address: where a parameter lies in a flat ZeRO partition."""
+
+    numel: int
+    start: int
+
+
+class LossScalerState:
+    """DeepSpeed's LossScaler and DynamicLossScaler: their fields (cur_scale, cur_iter, last_overflow_iter,
+    scale_window, min_scale, delayed_shift, cur_hysteresis, dynamic, ...) as attributes."""
+
+    def __repr__(self) -> str:
+        return f"LossScalerState({vars(self)})"
+
+
+def _megatron_enum(name: str, members: tuple[str, ...]) -> type[enum.Enum]:
+    return enum.Enum(name, {member: value for value, member in enumerate(members, start=1)}, module=__name__)
+
+
+# Megatron-DeepSpeed's enums (megatron/enums.py in BigScience's fork, megatron/model/enums.py in Microsoft's),
+# with their values.
+MEGATRON_ENUMS = {
+    "LayerType": _megatron_enum("LayerType", ("encoder", "decoder")),
+    "AttnType": _megatron_enum("AttnType", ("self_attn", "cross_attn")),
+    "AttnMaskType": _megatron_enum("AttnMaskType", ("padding", "causal", "prefix", "custom")),
+    "PositionEmbeddingType": _megatron_enum("PositionEmbeddingType", ("rotary", "absolute", "alibi")),
+}
+
+
+def _numpy_globals() -> list[tuple[object, str]]:
+    reconstruct, scalar = np.ndarray.__reduce__(np.zeros(0))[0], np.float64(0).__reduce__()[0]
+    names = [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        names += [(reconstruct, f"{module}._reconstruct"), (scalar, f"{module}.scalar")]
+    # numpy >= 1.25 pickles a dtype as its own class (numpy.dtypes.Float64DType ...).
+    for code in "?bBhHiIlLqQefdgFDGUS":
+        dtype_class = type(np.dtype(code))
+        names.append((dtype_class, f"numpy.dtypes.{dtype_class.__name__}"))
+    return names
+
+
+MEGDS_SAFE_GLOBALS = [
+    argparse.Namespace,
+    *_numpy_globals(),
+    (ZeroStageEnum, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+    (FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address"),
+    (LossScalerState, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+    (LossScalerState, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
+    *(
+        (cls, f"{module}.{name}")
+        for module in ("megatron.enums", "megatron.model.enums")
+        for name, cls in MEGATRON_ENUMS.items()
+    ),
+]
+
+
+def load_megds_file(path: str | Path, mmap: bool = True):
+    """One Megatron-DeepSpeed or DeepSpeed .pt file, on the CPU, tensors memory-mapped (mmap) where the file
+    is in torch's zip format: a tensor is read from disk when used."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(MEGDS_SAFE_GLOBALS):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as error:
+                if not mmap or "zipfile" not in str(error):
+                    raise
+                # The legacy (pre-zip) format cannot be memory-mapped.
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = _REFUSED_GLOBAL.search(str(error))
+        needs = found.group(1) if found else str(error).splitlines()[0]
+        raise UnsafeCheckpointError(f"{path}: refused: it needs {needs}") from None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from bigscience_train.config.validate import cluster_world_size
 from bigscience_train.parallel.dims import ParallelDims
 from bigscience_train.plan.communication import stage_traffic
-from bigscience_train.plan.estimate import layout_of
+from bigscience_train.plan.estimate import MEMORY_MARGIN, layout_of, make_plan
 from bigscience_train.plan.memory import GIB, MEASURED_KINDS, stage_memory
 
 MODES = ("auto", "real", "fake")
@@ -114,10 +114,11 @@ def format_measured(results: list[dict]) -> str:
             f"rank {m['rank']} ({coords}; stages {m['stages']}), {m['mode']}: built in {m['build_seconds']:.1f} s "
             f"(peak {m['build_peak'] / GIB:.2f} GiB), one step in {m['step_seconds']:.1f} s"
         )
-        lines.append(f"  {'memory (GiB)':<22}{'predicted':>10}{'measured':>10}{'error':>8}")
+        unit, scale = ("GiB", GIB) if m["peak"] >= 0.5 * GIB else ("MiB", 2**20)
+        lines.append(f"  {f'memory ({unit})':<22}{'predicted':>10}{'measured':>10}{'error':>8}")
         for row in result["memory"]:
             lines.append(
-                f"  {row['name']:<22}{row['predicted'] / GIB:>10.2f}{row['measured'] / GIB:>10.2f}"
+                f"  {row['name']:<22}{row['predicted'] / scale:>10.2f}{row['measured'] / scale:>10.2f}"
                 f"{_error(row['error']):>8}"
             )
         lines.append(f"  {'traffic (GB per step)':<22}{'predicted':>10}{'measured':>10}{'error':>8}")
@@ -137,3 +138,28 @@ def format_measured(results: list[dict]) -> str:
 
 def to_json(results: list[dict]) -> str:
     return json.dumps(results, indent=2)
+
+
+@dataclass
+class MeasuredFit:
+    fits: bool
+    lines: list[str]  # each measured rank's peak against the usable memory
+
+
+def measured_fit(cfg, overrides: list[str]) -> MeasuredFit | None:
+    """The heaviest ranks' dry run (FakeTensorMode) against the device's memory, 10% kept free as the plan
+    keeps it; None where the device's memory is not known (CPU ranks share the host's)."""
+    plan = make_plan(cfg, layout_of(cfg))
+    if plan.capacity_gb is None:
+        return None
+    usable = (1 - MEMORY_MARGIN) * plan.capacity_gb * GIB
+    lines, fits = [], True
+    for result in measure_plan(cfg, overrides, None, "fake"):
+        m = result["measurement"]
+        fits = fits and m["peak"] <= usable
+        kinds = ", ".join(f"{row['name']} {row['measured'] / GIB:.2f}" for row in result["memory"][:-1])
+        lines.append(
+            f"rank {m['rank']} (stage {m['coords']['pp']}): measured peak {m['peak'] / GIB:.2f} GiB of "
+            f"{usable / GIB:.1f} GiB usable (predicted {result['memory'][-1]['predicted'] / GIB:.2f}; {kinds})"
+        )
+    return MeasuredFit(fits, lines)

@@ -84,11 +84,68 @@ class TimedStage(PipelineStage):
                 torch.cuda.synchronize(self.device)
             setattr(self, total, getattr(self, total) + time.perf_counter() - start)
 
-    def forward_one_chunk(self, *args, **kwargs):
-        return self._timed("busy_seconds", super().forward_one_chunk, *args, **kwargs)
+    # torch's stage keeps a receive buffer per micro-batch (its activations, its gradients) for the whole
+    # step and from step to step: with BLOOM's 128 micro-batches of 2 x 2048 x 14336 in bf16, 14 GiB per
+    # direction. Each buffer is given its storage when its message is received and loses it once the
+    # micro-batch's backward is done, so only the micro-batches in flight hold any.
+    @staticmethod
+    def _hold(infos, held: bool) -> None:
+        for info in infos:
+            if info.is_root_arg or info.buffer is None:
+                continue
+            storage = info.buffer.untyped_storage()
+            size = info.buffer.numel() * info.buffer.element_size() if held else 0
+            if storage.nbytes() != size:
+                storage.resize_(size)
 
-    def backward_one_chunk(self, *args, **kwargs):
-        return self._timed("busy_seconds", super().backward_one_chunk, *args, **kwargs)
+    def _on_meta(self, prepare, *args, **kwargs):
+        """Runs one of torch's stage set-ups (private methods, same arguments), which allocates every
+        micro-batch's buffers at once, with the buffers on the meta device; each is then made on this
+        stage's device one at a time, without storage until its message comes."""
+        device, self.device = self.device, torch.device("meta")
+        try:
+            result = prepare(*args, **kwargs)
+        finally:
+            self.device = device
+        for infos in (*self.args_recv_info.values(), *self.grad_recv_info.values()):
+            for info in infos:
+                if not info.is_root_arg and info.buffer is not None and info.buffer.is_meta:
+                    meta = info.buffer
+                    info.buffer = torch.empty_strided(
+                        meta.shape, meta.stride(), dtype=meta.dtype, device=device
+                    )
+                    self._hold((info,), False)
+        return result
+
+    def _prepare_forward_infra(self, *args, **kwargs):
+        return self._on_meta(super()._prepare_forward_infra, *args, **kwargs)
+
+    def _prepare_backward_infra(self, *args, **kwargs):
+        return self._on_meta(super()._prepare_backward_infra, *args, **kwargs)
+
+    def get_fwd_recv_ops(self, fwd_chunk_id: int):
+        self._hold(self.args_recv_info[fwd_chunk_id], True)
+        return super().get_fwd_recv_ops(fwd_chunk_id)
+
+    def get_bwd_recv_ops(self, bwd_chunk_id: int):
+        if self.has_backward and not self.is_last:
+            self._hold(self.grad_recv_info[bwd_chunk_id], True)
+        return super().get_bwd_recv_ops(bwd_chunk_id)
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+        output = self._timed("busy_seconds", super().forward_one_chunk, fwd_chunk_id, *args, **kwargs)
+        if not self.has_backward:
+            self._hold(self.args_recv_info[fwd_chunk_id], False)
+        return output
+
+    def backward_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
+        result = self._timed("busy_seconds", super().backward_one_chunk, bwd_chunk_id, *args, **kwargs)
+        # Schedules call it in forward-only passes too, where it does nothing.
+        if self.has_backward:
+            self._hold(self.args_recv_info[bwd_chunk_id], False)
+            if not self.is_last:
+                self._hold(self.grad_recv_info[bwd_chunk_id], False)
+        return result
 
     def perform_reduce_grad(self, *args, **kwargs):
         # The data-parallel reduction the schedule runs after the last backward: communication, not compute.
@@ -126,6 +183,8 @@ class Pipeline:
         # The last pass's seconds in its data-parallel gradient reduction.
         self.reduce_seconds = 0.0
 
+    # Gradients enabled also when a stage is first built for evaluation (no_grad): it serves training after.
+    @torch.enable_grad()
     def _stage_tensors(self, part: GPT, stage_id: int, micro_batch: int, seq: int) -> dict:
         """Example tensors (on the meta device) of what the stage receives and sends, so that stages are
         built static: no shape exchange over the process group, which a dry run's fake group cannot do."""

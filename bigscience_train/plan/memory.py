@@ -29,11 +29,13 @@ gradients 4 B, AdamW's two moments 8 B (parallel/data.py has the data-parallel m
   c tokens' logits, 4 cV B (6 cV B with autocast), and the gradients it computes in forward, 4 sbh + 4 Vh B.
 - micro batches in flight on stage k: 1 without pipeline, min(p - k, m) for 1F1B, m for GPipe,
   p + (p - 1)/v - k for interleaved 1F1B with v virtual stages (Narayanan et al. 2021).
-- pipeline buffers: torch's schedules keep a receive buffer per micro batch and direction, m sbh each in the
-  residual stream's dtype (activations received by every stage but the first, gradients by every stage but
-  the last), from step to step.
+- pipeline buffers: a received gradient, sbh in the residual stream's dtype, on every stage but the last
+  (parallel/pipeline.py holds receive buffers only while their micro batch is in flight; received
+  activations are the stage's input, counted in its activations).
 - temporary buffers: the logits' gradient 4 bsV/t B (none when fused); the foreach AdamW step's one fp32
   copy of the states it updates, 4 P_r (/d sharded).
+- embedding gradient (first stage, bf16/fp16 with dp > 1): at the end of backward, the embedding's gradient in
+  the training dtype and FSDP's fp32 copy of it, (w + 4) V h / t B.
 
 The peak is the larger of forward/backward (everything but the optimizer temporary) and the optimizer step
 (states, weights, gradients and its temporary; activations are freed by then).
@@ -49,7 +51,7 @@ from bigscience_train.parallel.dims import ParallelDims
 
 GIB = 1024**3
 # Memory that lives only from a micro batch's forward to its backward.
-_TRANSIENT = ("activations", "recomputed layer", "logits", "temporary buffers")
+_TRANSIENT = ("activations", "recomputed layer", "logits", "temporary buffers", "embedding gradient")
 # The planner's terms under the kinds a dry run measures (dryrun/rank_step.py): what it cannot tell apart
 # (everything a step allocates and frees) it measures together as activations.
 MEASURED_KINDS = {
@@ -64,6 +66,7 @@ MEASURED_KINDS = {
         "logits",
         "pipeline buffers",
         "temporary buffers",
+        "embedding gradient",
         "autocast weight copies",
     ),
 }
@@ -258,12 +261,15 @@ def stage_memory(cfg, layout: Layout, global_batch: int, stage: int) -> MemoryEs
         terms["recomputed layer"] = layer_activation_bytes(sbh, t, "none", half)
     if has_output:
         terms["logits"] = logits
-    if p > 1:
-        # torch's schedules give every micro batch its own receive buffers: activations from the previous
-        # stage, gradients from the next.
-        directions = (stage > 0) + (stage < p - 1)
-        terms["pipeline buffers"] = directions * micro_batches * hidden_bytes * sbh
+    if stage < p - 1:
+        # The gradient being received for the next backward (received activations are the stage's input,
+        # counted with the activations in flight).
+        terms["pipeline buffers"] = hidden_bytes * sbh
     terms["temporary buffers"] = logits_grad if has_output else 0
+    if has_embedding and half and d > 1:
+        # The end of the first stage's backward: the embedding's gradient in the training dtype, and the
+        # fp32 copy FSDP makes of it to accumulate or reduce.
+        terms["embedding gradient"] = (w + 4) * (shape.vocab_size // t) * h
     # The optimizer step sees only reduced gradients: whole ones accumulated for one reduction are gone.
     states = terms["weights"] + 4 * p_rank / shard + terms["optimizer states"]
     transient = sum(terms.get(k, 0.0) for k in _TRANSIENT)

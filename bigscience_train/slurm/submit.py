@@ -95,10 +95,11 @@ def _write_run_config(run_dir: Path, cfg) -> None:
     atomic_write_text(run_dir / "slurm" / "config.yaml", to_yaml(cfg))
 
 
-def prepare_training(overrides: list[str], force: bool = False) -> Prepared:
-    """RUN/slurm/config.yaml (the resolved config every job of the chain trains from) and job.sbatch."""
+def prepare_training(overrides: list[str], force: bool = False, memory: bool = True) -> Prepared:
+    """RUN/slurm/config.yaml (the resolved config every job of the chain trains from) and job.sbatch.
+    memory: refuse a layout the planner predicts not to fit (off where a dry run measured it)."""
     cfg = load_config(overrides)
-    check(cfg, memory=not force)
+    check(cfg, memory=memory and not force)
     c = cfg.cluster
     python, workdir = _place(c)
     run_dir = Path(_absolute(workdir, cfg.run_dir))
