@@ -3,8 +3,8 @@ parameter's whole tensors, assembled on demand from every tensor-parallel rank a
 
 Every file is read by safe_load.load_megds_file (weights_only with an allow-list), memory-mapped: a tensor is
 read from disk when it is assembled, and memory holds what one parameter needs, not the checkpoint.
-DeepSpeed's own readers (deepspeed.checkpoint.DeepSpeedCheckpoint, ds_to_universal) unpickle with
-weights_only=False, which runs whatever code a file carries, so they are not used here; the layout they
+DeepSpeed's own readers (deepspeed.checkpoint.DeepSpeedCheckpoint, ds_to_universal) unpickle without an
+allow-list, which runs whatever code a file carries, so they are not used here; the layout they
 document is followed: ZeRO partitions located by their param_slice_mappings and merged over data-parallel
 ranks in order, tensor-parallel slices merged by each parameter's split (megds_format.tp_split), model-
 parallel rank MM = pp_rank * tp + tp_rank.

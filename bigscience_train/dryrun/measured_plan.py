@@ -7,8 +7,6 @@ import json
 import multiprocessing
 from dataclasses import dataclass
 
-from bigscience_train.config.validate import cluster_world_size
-from bigscience_train.parallel.dims import ParallelDims
 from bigscience_train.plan.communication import stage_traffic
 from bigscience_train.plan.estimate import MEMORY_MARGIN, layout_of, make_plan
 from bigscience_train.plan.memory import GIB, MEASURED_KINDS, stage_memory
@@ -73,16 +71,16 @@ def measure(overrides: list[str], rank: int, fake: bool) -> dict:
 def measure_plan(cfg, overrides: list[str], ranks: list[int] | None, mode: str) -> list[dict]:
     """Each rank of the job `overrides` configure (`cfg`) measured and compared; ranks None: the heaviest
     (first and last pipeline stage)."""
-    from bigscience_train.dryrun.rank_step import fits_for_real, heaviest_ranks
+    from bigscience_train.dryrun.rank_step import fits_for_real, heaviest_ranks, rank_coords
 
-    dims = ParallelDims.from_config(cfg, cluster_world_size(cfg.cluster))
+    layout = layout_of(cfg)
+    dims = layout.dims
     for rank in ranks or []:
         if not 0 <= rank < dims.world_size:
             raise ValueError(f"--rank {rank} is not a rank of {dims} ({dims.world_size} ranks)")
     results = []
     for rank in ranks or heaviest_ranks(dims):
-        layout = layout_of(cfg)
-        stage = rank // (dims.dp * dims.tp)
+        stage = rank_coords(dims, rank)["pp"]
         predicted_peak = stage_memory(cfg, layout, cfg.train.global_batch_size, stage).peak
         fake = mode == "fake" or (mode == "auto" and not fits_for_real(cfg, dims, predicted_peak))
         measurement = measure(overrides, rank, fake)

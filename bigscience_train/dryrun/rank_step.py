@@ -52,13 +52,12 @@ class RankMeasurement:
     memory: dict[str, int]  # each kind of memory at its largest during the step, bytes
     peak: int  # the step's peak, every kind together
     peak_kinds: dict[str, int]  # the kinds at that peak
-    peak_other_ops: dict[
-        str, int
-    ]  # the largest unnamed ones at that peak (activations), by the op making them
-    max_other_ops: dict[str, int]  # the same when the activations are at their largest
-    collectives: dict[str, dict[str, list[int]]] = field(
-        default_factory=dict
-    )  # dim -> "kind dtype" -> [n, B]
+    # The largest unnamed storages (activations) at that peak, by the op that made them, and the same when
+    # the activations are at their largest.
+    peak_other_ops: dict[str, int]
+    max_other_ops: dict[str, int]
+    # mesh dimension -> "kind dtype" -> [count, bytes]
+    collectives: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
