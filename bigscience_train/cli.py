@@ -35,7 +35,11 @@ def _train(args: argparse.Namespace) -> int:
         from evaluation.during_training import TaskEvaluation
 
         hooks.append(TaskEvaluation(cfg.train))
-    penv = init_parallel(job_dims(cfg))
+    penv = init_parallel(job_dims(cfg), cfg.parallel.timeout_minutes)
+    if cfg.cluster.health_check:
+        from bigscience_train.train.preflight import check_nodes
+
+        check_nodes(cfg, penv)
     try:
         result = Trainer(cfg, penv, hooks).run()
     finally:
@@ -69,12 +73,17 @@ def _data_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _data_preprocess(args: argparse.Namespace) -> int:
+    from bigscience_train.data.tokenizer import Tokenizer
     from data_tools.preprocess import preprocess
 
+    if (args.tokenizer is None) == (args.vocab_file is None and args.merge_file is None):
+        raise ValueError(
+            "give --tokenizer (a tokenizer.json) or --vocab-file and --merge-file (GPT-2's), not both"
+        )
     summary = preprocess(
         args.input,
         args.output_prefix,
-        args.tokenizer,
+        Tokenizer(args.tokenizer, args.vocab_file, args.merge_file),
         args.json_key,
         args.append_eod,
         args.workers,
@@ -194,7 +203,7 @@ def _slurm_eval(args: argparse.Namespace) -> int:
     if prepared is None:
         print(f"every checkpoint of {args.run} is already evaluated on these tasks: nothing submitted")
         return 0
-    return _submit_array(prepared, "eval", args.dry_run, Path(args.run))
+    return _submit_array(prepared, "eval", args.dry_run, prepared.records[0][0])
 
 
 def _slurm_status(args: argparse.Namespace) -> int:
@@ -308,6 +317,14 @@ def _ckpt_import_megds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ckpt_export_megds(args: argparse.Namespace) -> int:
+    from bigscience_train.checkpoint.megds_export import export_megds
+
+    summary = export_megds(args.path, args.out, args.tp, args.pp, args.make_vocab_size_divisible_by)
+    print(summary.describe())
+    return 0
+
+
 def _config_from_megds(args: argparse.Namespace) -> int:
     import json
 
@@ -363,7 +380,9 @@ def _parser() -> argparse.ArgumentParser:
     pre = dsub.add_parser("preprocess", help="tokenize JSONL (.jsonl, .gz, .zst, globs) into .bin/.idx")
     pre.add_argument("--input", nargs="+", required=True)
     pre.add_argument("--output-prefix", required=True)
-    pre.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer.json")
+    pre.add_argument("--tokenizer", help="a Hugging Face tokenizer.json")
+    pre.add_argument("--vocab-file", help="GPT-2's vocab.json (with --merge-file, instead of --tokenizer)")
+    pre.add_argument("--merge-file", help="GPT-2's merges.txt")
     pre.add_argument("--json-key", default="text")
     pre.add_argument("--append-eod", action="store_true", help="end each document with the EOD token")
     pre.add_argument("--workers", type=int, default=1)
@@ -427,6 +446,21 @@ def _parser() -> argparse.ArgumentParser:
         "--weights-only", action="store_true", help="the layer files' weights alone, without the optimizer"
     )
     cmg.set_defaults(func=_ckpt_import_megds)
+    cxm = csub.add_parser(
+        "export-megds",
+        help="a checkpoint of ours to a DeepSpeed universal checkpoint Megatron-DeepSpeed resumes "
+        "(--universal-checkpoint): weights, optimizer, step",
+    )
+    cxm.add_argument("path", help="a step directory, checkpoints/ directory or run directory")
+    cxm.add_argument("out", help="the directory to write global_stepN/, latest_universal and latest in")
+    cxm.add_argument("--tp", type=int, help="the target tensor-parallel size (default: the run's)")
+    cxm.add_argument("--pp", type=int, help="the target pipeline-parallel size (default: the run's)")
+    cxm.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        help="Megatron's vocabulary padding multiple, times tp (default: the run's model setting)",
+    )
+    cxm.set_defaults(func=_ckpt_export_megds)
 
     crb = csub.add_parser(
         "rollback",
@@ -529,9 +563,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     sprep.set_defaults(func=_slurm_preprocess)
     seval = ssub.add_parser(
-        "eval", help="an array evaluating each checkpoint of a run not yet evaluated on the tasks"
+        "eval",
+        help="an array evaluating each checkpoint of a run not yet evaluated on the tasks, or one job "
+        "evaluating a Hugging Face directory; on ceil(tp x pp / cluster.procs_per_node) nodes",
     )
-    seval.add_argument("run", help="run directory")
+    seval.add_argument("run", help="run directory, or hf=DIR (a Hugging Face model directory)")
     seval.add_argument("--max-parallel", type=int, help="tasks running at once (the array's %%K)")
     seval.add_argument("--dry-run", action="store_true", help="render only")
     seval.add_argument("overrides", nargs="*", help="tasks=[...], parallel.tp=..., cluster overrides")

@@ -14,6 +14,9 @@ LAST_STOP_FILE = "last_stop.json"
 FINISHED_STOPS = ("iters", "tokens")
 # Stops of a run that cannot go on as it is (the trainer's NonFiniteLossError): its chain ends, not resumes.
 FAILED_STOPS = ("nonfinite", "loss_scale_floor")
+# Stops of a job that ended abnormally with the run intact (train/watchdog.py: no step finished in time;
+# train/preflight.py: a node failed the health check): the job fails, the chain goes on from `latest`.
+ABORTED_STOPS = ("hang", "health")
 
 
 def write_last_stop(

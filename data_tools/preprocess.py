@@ -83,7 +83,7 @@ def _progress_bar():
 def preprocess(
     inputs: list[str],
     output_prefix: str,
-    tokenizer_path: str,
+    tokenizer: str | Tokenizer,
     json_key: str = "text",
     append_eod: bool = True,
     workers: int = 1,
@@ -96,7 +96,8 @@ def preprocess(
 ) -> PreprocessSummary:
     start = time.perf_counter()
     files = expand_inputs(inputs)
-    tokenizer = Tokenizer(tokenizer_path)
+    # A path is a tokenizer.json; a GPT-2 vocab and merges pair comes loaded (Tokenizer(vocab_file=, merge_file=)).
+    tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     summary = PreprocessSummary()
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     final_bin, final_idx = Path(bin_path(output_prefix)), Path(idx_path(output_prefix))

@@ -9,6 +9,10 @@ of a run, at the layout the overrides give (parallel.tp, dp from the world size;
 Results: RUN/eval/step_N/results.json (lm-eval's, with the checkpoint's step and tokens) and results.md (a
 table of each metric and its stderr), each written atomically; a later evaluation of other tasks on the same
 checkpoint adds to them.
+
+Weights are allocated in the evaluation's precision (the checkpoint's, or precision=...) and each rank reads
+its shards straight into them. An hf= directory is imported once, by rank 0, into eval.import_dir (by default
+beside the output; a directory every node sees), which later evaluations of the same files reuse.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from bigscience_train.checkpoint.paths import committed_steps, step_dir_name
+from bigscience_train.checkpoint.paths import LATEST, committed_steps, step_dir_name
 from bigscience_train.checkpoint.reader import read_meta, resolve_checkpoint
 from bigscience_train.config import load_config, load_config_file
 from bigscience_train.config.schema import EvalConfig
@@ -32,6 +36,8 @@ SHORT_KEYS = tuple(f.name for f in dataclasses.fields(EvalConfig))
 # Sections of the saved training config that the evaluation's overrides may change.
 LAYOUT_SECTIONS = ("parallel", "precision")
 MERGED_KEYS = ("results", "versions", "n-shot", "higher_is_better", "configs", "n-samples")
+# How often the ranks waiting for rank 0's import of an hf= directory look for it.
+IMPORT_POLL_SECONDS = 2.0
 
 
 def expand_short_keys(overrides: list[str]) -> list[str]:
@@ -115,13 +121,15 @@ def load_lm(step_dir: Path, cfg: DictConfig, overrides: list[str], penv):
     from evaluation.lm import BigScienceLM
 
     saved = model_config(step_dir, cfg, overrides)
-    built = ParallelModel(penv.dims.model_shape(saved.model), penv, seed=0)
+    dtype = saved.precision.dtype.value
+    # Allocated in the evaluation's precision and each shard read straight into it: no fp32 copy anywhere.
+    built = ParallelModel(penv.dims.model_shape(saved.model), penv, seed=0, weights_dtype=dtype)
     CheckpointManager(step_dir.parent, penv).load_weights(step_dir, built.model)
     return BigScienceLM(
         built.model,
-        Tokenizer(saved.data.tokenizer),
+        Tokenizer.from_config(saved.data),
         penv,
-        saved.precision.dtype.value,
+        dtype,
         cfg.eval.batch_tokens,
         cfg.eval.max_gen_tokens,
         batch_size=cfg.eval.batch_size,
@@ -158,23 +166,64 @@ def targets(cfg: DictConfig, penv) -> tuple[list[Path], Path | None]:
     if ev.run:
         root = output or Path(ev.run) / "eval"
         return pending_checkpoints(Path(ev.run), list(ev.tasks), root), output
-    return [imported(Path(ev.hf), penv)], output or Path("runs/eval") / Path(ev.hf).name / "eval"
+    output, import_dir = hf_paths(ev)
+    return [imported(Path(ev.hf), import_dir, penv)], output
 
 
-def imported(hf_dir: Path, penv) -> Path:
-    """A Hugging Face directory as one of our checkpoints (rank 0 converts it, tensor by tensor)."""
+def hf_paths(ev) -> tuple[Path, Path]:
+    """Where an evaluation of `ev.hf` writes its results, and its import (by default beside them)."""
+    name = Path(ev.hf).name
+    output = Path(ev.output) if ev.output else Path("runs/eval") / name / "eval"
+    return output, Path(ev.import_dir) if ev.import_dir else output.parent / f"{name}-import"
+
+
+def existing_import(hf_dir: Path, target: Path) -> Path | None:
+    """The checkpoint of a complete import of hf_dir's present files in `target` (None: none there). An
+    import is written under a temporary name and renamed when complete, so a partial one is never found."""
+    from bigscience_train.checkpoint.hf_import import source_files
+
+    if not target.exists():
+        return None
+    try:
+        step = resolve_checkpoint(target)
+    except FileNotFoundError:
+        raise ValueError(
+            f"eval.import_dir={target} exists but holds no import: remove it, or give another eval.import_dir"
+        ) from None
+    meta = read_meta(step)
+    if (meta.get("imported_from"), meta.get("source_files")) != (str(hf_dir.resolve()), source_files(hf_dir)):
+        raise ValueError(
+            f"eval.import_dir={target} holds an import of {meta.get('imported_from')}, not of the files "
+            f"{hf_dir} has now: remove it to import again, or give another eval.import_dir"
+        )
+    return step
+
+
+def imported(hf_dir: Path, target: Path, penv) -> Path:
+    """`hf_dir` as one of our checkpoints, imported once into `target`, a directory every node sees: rank 0
+    converts it tensor by tensor, or reuses a complete import of the same files; the other ranks wait for
+    the import to appear (a rank 0 that fails ends them through the launcher: torchrun, srun
+    --kill-on-bad-exit)."""
     from bigscience_train.checkpoint.hf_import import import_hf
 
-    out = (
-        Path(tempfile.gettempdir())
-        / f"bigscience-eval-{os.getuid()}"
-        / hf_dir.resolve().as_posix().strip("/")
-    )
-    out = out.with_name(out.name + f"-{int(hf_dir.stat().st_mtime)}")
-    if penv.is_rank0 and not out.exists():
-        import_hf(hf_dir, out)
+    target = target.resolve()
+    if not penv.is_rank0:
+        while not (target / "checkpoints" / LATEST).is_file():
+            time.sleep(IMPORT_POLL_SECONDS)
+    elif existing_import(hf_dir, target) is not None:
+        print(f"reusing the import of {hf_dir} in {target}")
+    else:
+        for partial in sorted(target.parent.glob(f".{target.name}.tmp-*")):
+            print(f"not reused: {partial}, a partial import (remove it once no other import of it runs)")
+        print(f"importing {hf_dir} into {target}, once: later evaluations of it reuse the import")
+        try:
+            import_hf(hf_dir, target)
+        except OSError:
+            # Another job's import of the same files was renamed into place first.
+            if existing_import(hf_dir, target) is None:
+                raise
     penv.barrier()
-    return resolve_checkpoint(out)
+    return resolve_checkpoint(target)
 
 
 def main(overrides: list[str]) -> int:
@@ -190,6 +239,8 @@ def main(overrides: list[str]) -> int:
     if cfg.parallel.virtual_stages > 1:
         raise ValueError("parallel.virtual_stages > 1: evaluation runs one pipeline stage per rank")
     penv = init_parallel(evaluation_dims(cfg))
+    if penv.is_rank0:
+        print(f"evaluating on world {penv.world_size} ({penv.dims})")
     try:
         steps, output = targets(cfg, penv)
         for step_dir in steps:

@@ -1,6 +1,7 @@
-"""Writes a Megatron-DeepSpeed checkpoint with DeepSpeed's own engine, for tests/test_megds_import.py.
+"""Writes a Megatron-DeepSpeed checkpoint with DeepSpeed's own engine, for tests/test_megds_import.py, and
+resumes from a universal checkpoint with it, for tests/test_megds_export.py.
 
-`python tests/megds_fixture.py OUT --steps N [--tp T] [--pp P] [--zero Z] [--dtype bf16]
+`python tests/megds_fixture.py OUT --steps N [--resume DIR] [--tp T] [--pp P] [--zero Z] [--dtype bf16]
     [--vocab-divisible-by D] [--universal] OVERRIDES...`
 
 Two processes on gloo, (tp, pp, dp) any layout of two. A tiny BLOOM laid out as Megatron-DeepSpeed's
@@ -20,11 +21,16 @@ OUT/universal/global_stepN/      what ds_to_universal wrote
 OUT/truth_stage{S}.pt            per pipeline stage, at step N: the whole fp32 masters and Adam moments by
                                  parameter (DeepSpeed's safe_get_full_* API, gathered over tensor-parallel
                                  ranks), and the loss of every step
+
+With --resume DIR, DeepSpeed's engine (configured with "checkpoint": {"load_universal": true}) loads the
+universal checkpoint of step N that DIR/latest_universal names instead, and OUT/truth_stage{S}.pt holds what
+it loaded and the losses of the steps from there to train.iters.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import enum
 import os
@@ -54,7 +60,7 @@ from bigscience_train.model import positions  # noqa: E402
 from bigscience_train.model.attention import causal_mask  # noqa: E402
 from bigscience_train.model.gpt import Block  # noqa: E402
 from bigscience_train.model.shape import shape_fields  # noqa: E402
-from bigscience_train.train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples  # noqa: E402
+from bigscience_train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples  # noqa: E402
 
 WORLD = 2
 # Megatron-DeepSpeed's layer indices: a function, the embedding, a function, then the transformer layers.
@@ -70,6 +76,24 @@ def without_shm_build() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+@contextlib.contextmanager
+def deepspeed_comm(init_file: Path):
+    """DeepSpeed's communication set up in this process, on a gloo group of one unless an earlier test left a
+    group (DeepSpeed's loss scaler logs an overflow with the process's rank)."""
+    import deepspeed
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    without_shm_build()
+    deepspeed.init_distributed("gloo", auto_mpi_discovery=False, verbose=False)
+    try:
+        yield
+    finally:
+        if own_group:
+            dist.destroy_process_group()
 
 
 def _megatron_enums() -> types.ModuleType:
@@ -436,9 +460,10 @@ def truth(engine, layers: int) -> dict:
     return found
 
 
-def run(rank: int, args, init_file: str) -> None:
+def start(rank: int, args, init_file: str, **extra_config) -> types.SimpleNamespace:
+    """This process's rank of the job: the process group, the config, the DeepSpeed engine (its config with
+    extra_config added) and the micro-batches of a step from a number of consumed samples."""
     import deepspeed
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     torch.set_num_threads(1)
@@ -485,6 +510,7 @@ def run(rank: int, args, init_file: str) -> None:
         "bf16": {"enabled": args.dtype == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
+        **extra_config,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr, config=config)
 
@@ -493,6 +519,15 @@ def run(rank: int, args, init_file: str) -> None:
             b = collate(splits.train, indices)
             yield b["tokens"], (b["labels"], b["loss_mask"])
 
+    return types.SimpleNamespace(engine=engine, cfg=cfg, coord=coord, dp=dp, padded=padded, batches=batches)
+
+
+def run(rank: int, args, init_file: str) -> None:
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    job = start(rank, args, init_file)
+    engine, cfg, coord, dp, padded, batches = job.engine, job.cfg, job.coord, job.dp, job.padded, job.batches
+    m, t = cfg.model, cfg.train
     losses, consumed = [], 0
     for step in range(1, t.iters + 1):
         losses.append(engine.train_batch(iter(batches(consumed))).item())
@@ -538,10 +573,44 @@ def run(rank: int, args, init_file: str) -> None:
     dist.destroy_process_group()
 
 
+def resume(rank: int, args, init_file: str) -> None:
+    """Loads the universal checkpoint in args.resume (its latest_universal names the tag) with DeepSpeed's
+    engine, records what the engine holds then (as truth_stage{S}.pt: masters, moments, its step and sample
+    counters, the LR scheduler's state and Megatron's client state) and the losses of the steps it trains on
+    to train.iters."""
+    job = start(rank, args, init_file, checkpoint={"load_universal": True})
+    engine, t = job.engine, job.cfg.train
+    _, client = engine.load_checkpoint(str(args.resume), load_optimizer_states=True)
+    if client["iteration"] != args.steps:
+        raise SystemExit(f"{args.resume} holds step {client['iteration']}, not --steps {args.steps}")
+    loaded = {
+        **truth(engine, job.cfg.model.num_layers),
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "lr_scheduler": engine.lr_scheduler.state_dict(),
+        "param_groups": [
+            {k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups
+        ],
+        "iteration": client["iteration"],
+        "tokens": client["tokens"],
+    }
+    losses, consumed = [], client["args"].consumed_train_samples
+    for _ in range(args.steps, t.iters):
+        losses.append(engine.train_batch(iter(job.batches(consumed))).item())
+        consumed += t.global_batch_size
+    if job.coord.model == 0 and job.coord.data == 0:
+        torch.save({**loaded, "losses": losses}, args.out / f"truth_stage{job.coord.pipe}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--steps", type=int, required=True, help="save after this many steps")
+    parser.add_argument(
+        "--resume", type=Path, help="instead: load this universal checkpoint (of step --steps) and train on"
+    )
     parser.add_argument("--tp", type=int, choices=[1, 2], default=1)
     parser.add_argument("--pp", type=int, choices=[1, 2], default=2)
     parser.add_argument("--zero", type=int, default=1, help="ZeRO stage (0 with bf16: BF16_Optimizer)")
@@ -559,12 +628,16 @@ def main() -> None:
     others = mp.start_processes(
         _other_rank, args=(args, str(init_file)), nprocs=WORLD - 1, join=False, daemon=True
     )
-    run(0, args, str(init_file))
+    entry(args)(0, args, str(init_file))
     others.join()
 
 
+def entry(args):
+    return resume if args.resume else run
+
+
 def _other_rank(index: int, args, init_file: str) -> None:
-    run(index + 1, args, init_file)
+    entry(args)(index + 1, args, init_file)
 
 
 if __name__ == "__main__":

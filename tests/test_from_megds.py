@@ -327,7 +327,13 @@ def test_tr1_13b(tmp_path):
     assert override(conversion, "model.hidden_dropout").source == DEFAULT
     assert conversion.ds_config_source.startswith("the here-document at line")
     kinds = unmapped(conversion)
-    assert kinds["--vocab-file"] == kinds["--merge-file"] == NO_EQUIVALENT
+    assert "--vocab-file" not in kinds and "--merge-file" not in kinds
+    # GPT2BPETokenizer's files (Megatron's default tokenizer) are read as they are.
+    repo = "$six_ALL_CCFRWORK/code/tr1-13B/Megatron-DeepSpeed-tr1-13B"
+    assert cfg.data.tokenizer is None and (cfg.data.vocab_file, cfg.data.merge_file) == (
+        f"{repo}/data/gpt2-vocab.json",
+        f"{repo}/data/gpt2-merges.txt",
+    )
     assert kinds["--loss-scale"] == kinds["--deepspeed-activation-checkpointing"] == IGNORED
     assert (
         kinds["--distributed-backend"]
@@ -349,6 +355,13 @@ def test_tr1_13b(tmp_path):
 
 
 def test_tr11_176b(tmp_path):
+    # The valid-splits.txt BigScience's data/catalogue/load_ratios_meg_ds_format.py writes: the blend's last 5%,
+    # then each language's alone; beside the script here (its path on Jean Zay is not this machine's).
+    data = "$six_ALL_CCFRWORK/bigscience-training/merged-meg-ds_v3_pii"
+    ar, en = f"{data}/ar/meg_text_document", f"{data}/en/meg_text_document"
+    (tmp_path / "valid-splits.txt").write_text(
+        f'"valid: 0.3 0.950:1.0 {ar}, 0.7 0.950:1.0 {en}" "valid_ar: 1 0.950:1.0 {ar}" "valid_en: 1 0.950:1.0 {en}"\n'
+    )
     conversion = convert(tr11_176b(tmp_path))
     cfg = load_config(conversion.lines)
     m, par, tr, opt, c = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.cluster
@@ -398,12 +411,14 @@ def test_tr11_176b(tmp_path):
     )
     assert conversion.ds_config_source == str(tmp_path / "ds_config.json")
     kinds = unmapped(conversion)
-    for name in (
-        "--tokenizer-name-or-path",
-        "--train-weighted-split-paths-path",
-        "--valid-weighted-split-paths-path",
-    ):
+    for name in ("--tokenizer-name-or-path", "--train-weighted-split-paths-path"):
         assert kinds[name] == NO_EQUIVALENT
+    # BLOOM's per-language validation: one named set per group, each over the datasets' last 5%.
+    assert [(v.name, list(v.prefix), v.split) for v in cfg.data.valid] == [
+        ("valid", ["0.3", ar, "0.7", en], "0.95,0.05,0"),
+        ("valid_ar", [ar], "0.95,0.05,0"),
+        ("valid_en", [en], "0.95,0.05,0"),
+    ]
     assert kinds["--num-workers"] == kinds["--valid-num-workers"] == NO_EQUIVALENT
     assert kinds["--abort-on-unmet-fused-kernel-constraints"] == IGNORED
     assert kinds["--rdzv_backend"] == kinds["--nnodes"] == IGNORED  # the launcher's; #SBATCH gives the size
@@ -438,6 +453,7 @@ def test_argument_list_by_iterations(tmp_path):
         "--lr 3e-4 --lr-warmup-iters 10 --lr-decay-iters 800 --lr-decay-samples 5\n"
         '--fp16 --loss-scale 8 --hysteresis 4 --kill-switch-path "/runs/it\'s here/stop"\n'
         "--num-layerz 3 --glu-activation geglu\n"
+        "--eod-mask-loss --reset-attention-mask\n"
     )
     conversion = convert(path)
     cfg = load_config(conversion.lines)
@@ -460,6 +476,11 @@ def test_argument_list_by_iterations(tmp_path):
         4,
     )
     assert cfg.train.kill_switch == "/runs/it's here/stop"
+    assert (cfg.data.eod_mask_loss, cfg.data.reset_position_ids, cfg.data.reset_attention_mask) == (
+        True,
+        False,
+        True,
+    )
     assert cfg.cluster.name == "local" and conversion.cluster_preset is None
     kinds = unmapped(conversion)
     assert kinds["--num-layerz"] == UNKNOWN
@@ -495,7 +516,7 @@ def test_cli(tmp_path, capsys):
     assert load_config(lines).cluster.nodes == 128
     assert (
         "# not mapped (" in text
-        and "--vocab-file" in text
+        and "data.vocab_file=" in text
         and "# config check at 512 ranks: 2 problems" in text
     )
     assert main(["config", "from-megds", "--json", str(path)]) == 0
@@ -508,7 +529,7 @@ def test_cli(tmp_path, capsys):
         "source": "--tensor-model-parallel-size",
         "how": None,
     } in report["overrides"]
-    assert any(u["argument"] == "--merge-file" and u["kind"] == NO_EQUIVALENT for u in report["unmapped"])
+    assert any(o["key"] == "data.merge_file" and o["source"] == "--merge-file" for o in report["overrides"])
 
 
 @pytest.mark.parametrize(

@@ -100,3 +100,19 @@ def package_imports(package: str) -> str:
 def test_layers_import_downward_only(package, forbidden):
     code = package_imports(package) if "." not in package else f"import bigscience_train.{package}"
     assert loaded_after(code, forbidden) == []
+
+
+def test_the_data_pipeline_loads_megatron_datasets_without_megatrons_training_stack():
+    """Every rank imports the datasets; megatron/core/__init__.py would add its whole training stack (and
+    wandb, and torch's compiler) to each. The package stays whole for code that asks for more of it."""
+    loaded = loaded_after("import bigscience_train.data.gpt_data", ("megatron", "wandb", "torch._inductor"))
+    assert "megatron.core.datasets.gpt_dataset" in loaded
+    assert [
+        m for m in loaded if m.startswith(("megatron.core.tensor_parallel", "wandb", "torch._inductor"))
+    ] == []
+    whole = loaded_after(
+        "import bigscience_train.data.gpt_data\nimport megatron.core\n"
+        "from megatron.core import DistributedDataParallel\nassert megatron.core.mpu.get_data_parallel_rank",
+        ("megatron.core.tensor_parallel",),
+    )
+    assert whole

@@ -177,6 +177,8 @@ def test_regular_and_universal_imports_hold_deepspeeds_masters_moments_and_posit
             "skipped_steps": 0,
             "loss_scaler": {},
             "lr_scale": 1.0,
+            "lr_skipped_samples": 0,
+            "lr_skipped_tokens": 0,
         }
         meta = json.loads((step / "meta.json").read_text())
         assert not meta["weights_only"] and meta["megds"]["pp"] == 2
@@ -304,21 +306,12 @@ def test_deepspeeds_fp16_loss_scale_continues_as_ours(tmp_path):
     """DeepSpeed's DynamicLossScaler mapped onto ours: the same scales, step after step, from a state after
     overflows, through doublings and halvings (the step right after an overflow excepted, where DeepSpeed waits
     one step longer)."""
-    import deepspeed
-    import torch.distributed as dist
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler as DeepSpeedScaler
 
     from bigscience_train.train.precision import DynamicLossScaler
-    from tests.megds_fixture import without_shm_build
+    from tests.megds_fixture import deepspeed_comm
 
-    # DeepSpeed's scaler logs an overflow with the process's rank: a group of one, unless an earlier test in
-    # this process left one.
-    own_group = not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    without_shm_build()
-    deepspeed.init_distributed("gloo", auto_mpi_discovery=False, verbose=False)
-    try:
+    with deepspeed_comm(tmp_path / "init"):
         theirs = DeepSpeedScaler(
             init_scale=2**12,
             scale_window=4,
@@ -336,9 +329,6 @@ def test_deepspeeds_fp16_loss_scale_continues_as_ours(tmp_path):
             theirs.update_scale(overflow)
             ours.update(overflow)
             scales.append((ours.scale, theirs.cur_scale))
-    finally:
-        if own_group:
-            dist.destroy_process_group()
     assert [a for a, _ in scales] == [b for _, b in scales]
     # Doubled twice from 2**10, then the second and third overflows halve it (hysteresis 2).
     k = 1024

@@ -92,17 +92,16 @@ LAYOUTS = {
 }
 
 
-# Each layout and each feature at least once, within the suite's time: (1,2,2) and (2,2,1) are also compared
-# by the resume tests below (saved at (2,2,1), resumed at (1,2,2)); FSDP over dp alone is a special case of
-# FSDP composed with tp or pp (and test_train compares (1,1,2) with DDP); 1F1B runs in (2,2,1)-sp and in the
-# resumed (1,2,2); GPipe in (1,2,1)-gpipe; sequence parallel in (2,2,1)-sp. (2,1,1)-sp is in LAYOUTS for runs
-# by hand.
+# Each layout and each feature at least once, within the suite's time: (2,2,1) and (1,2,2) are also compared
+# by the resume tests below (saved at (2,2,1), resumed at (1,2,2)-zero1); tp alone is a special case of tp
+# composed with dp; FSDP over dp alone of FSDP composed with tp or pp (and test_train compares (1,1,2) with
+# DDP); the interleaved schedule runs in (1,2,2)-zero3-interleaved, 1F1B in (2,2,1)-sp and the resumed
+# (1,2,2)-zero1, GPipe in (1,2,1)-gpipe, sequence parallel in (2,2,1)-sp. (2,1,1), (2,1,1)-sp and
+# (1,2,1)-interleaved are in LAYOUTS for runs by hand.
 COMPARED = [
-    "(2,1,1)",
     "(1,2,1)-gpipe",
     "(2,1,2)",
     "(2,1,2)-zero3",
-    "(1,2,1)-interleaved",
     "(1,2,2)-zero2",
     "(1,2,2)-zero3-interleaved",
     "(2,2,1)-sp",
@@ -214,18 +213,16 @@ def resume_matches_single(tiny_data, tmp_path, single, saved, layout):
     assert_same_run(run, single)
 
 
-@pytest.mark.parametrize("layout", ["(1,1,1)", "(1,1,4)", "(2,1,2)-zero3", "(1,2,2)", "(1,2,2)-zero1"])
+# One process, FSDP with tp, and ZeRO-1 with pp; a wider dp is the ZeRO-1 checkpoint's test.
+@pytest.mark.parametrize("layout", ["(1,1,1)", "(2,1,2)-zero3", "(1,2,2)-zero1"])
 def test_checkpoint_saved_at_tp2_pp2_resumes_at_other_layouts(
     tiny_data, tmp_path, single, saved_at_tp2_pp2, layout
 ):
     resume_matches_single(tiny_data, tmp_path, single, saved_at_tp2_pp2, layout)
 
 
-@pytest.mark.parametrize("layout", ["(1,1,1)", "(1,1,4)"])
-def test_zero1_checkpoint_resumes_at_other_layouts_and_dp_sizes(
-    tiny_data, tmp_path, single, saved_at_zero1, layout
-):
-    resume_matches_single(tiny_data, tmp_path, single, saved_at_zero1, layout)
+def test_zero1_checkpoint_resumes_at_another_layout_and_dp_size(tiny_data, tmp_path, single, saved_at_zero1):
+    resume_matches_single(tiny_data, tmp_path, single, saved_at_zero1, "(1,1,4)")
 
 
 def fault_run(tiny_data, run, layout, precision, fault, rank, steps, *extra):

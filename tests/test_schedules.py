@@ -3,7 +3,7 @@ import math
 import pytest
 
 from bigscience_train.data.sampling import micro_batch_indices
-from bigscience_train.train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples
+from bigscience_train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples
 
 
 def test_bloom_rampup_arithmetic():

@@ -65,6 +65,10 @@ class TrainState:
     loss_scaler: dict = field(default_factory=dict)
     # The product of the LR scales rollbacks asked for (`bigscience ckpt rollback --lr-scale`).
     lr_scale: float = 1.0
+    # Samples and tokens of the iterations train.skip_iterations skipped: consumed, but not counted by the LR
+    # schedule (Megatron-DeepSpeed steps no LR scheduler for them).
+    lr_skipped_samples: int = 0
+    lr_skipped_tokens: int = 0
 
 
 def rng_state() -> dict:

@@ -64,7 +64,7 @@ def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
 
 
 def _write_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
-    shutil.copyfile(tokenizer.path, out / "tokenizer.json")
+    tokenizer.save_json(out / "tokenizer.json")
     eos = tokenizer.hf.id_to_token(tokenizer.eod)
     pad = tokenizer.hf.id_to_token(tokenizer.pad) if tokenizer.pad >= 0 else eos
     special = {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": pad}
@@ -82,8 +82,11 @@ def export_hf(path: str | Path, out: str | Path, max_shard_bytes: int = 2 * 1024
         raise CheckpointIntegrityError(step_dir, damaged)
     cfg = OmegaConf.create((step_dir / "config.yaml").read_text())
     tensors = model_tensors_metadata(step_dir)
-    tokenizer_path = Path(cfg.data.tokenizer)
-    tokenizer = Tokenizer(tokenizer_path) if tokenizer_path.is_file() else None
+    try:
+        tokenizer = Tokenizer.from_config(cfg.data)
+    except FileNotFoundError:
+        # A checkpoint moved away from its tokenizer still exports its weights.
+        tokenizer = None
     vocab = tensors["transformer.word_embeddings.weight"].size[0]
     config = bloom_config(cfg.model, vocab, tokenizer, cfg.precision.dtype)
     # HF ties lm_head to the word embedding on load; safetensors cannot store the same tensor twice.

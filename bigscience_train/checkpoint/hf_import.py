@@ -52,6 +52,12 @@ def _sources(hf_dir: Path) -> dict[str, Path]:
     return sources
 
 
+def source_files(hf_dir: Path) -> dict[str, list[int]]:
+    """[size, modification time in ns] of each file an import reads: an import of other files is another."""
+    stats = {f.name: f.stat() for f in [hf_dir / "config.json", *sorted(hf_dir.glob("*.safetensors"))]}
+    return {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}
+
+
 def _our_name(name: str) -> str:
     return name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
 
@@ -82,7 +88,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, seq_length: int = 2048) -> Pa
     config = read_bloom_config(hf_dir)
     sources = _sources(hf_dir)
     overrides = [*model_overrides(config, hf_dir.name, seq_length), f"run_dir={out}", f"name={hf_dir.name}"]
-    dtype = TORCH_DTYPES.get(config.get("torch_dtype", "float32"), "fp32")
+    # transformers >= 4.56 writes `dtype`, earlier releases `torch_dtype`.
+    dtype = TORCH_DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", "fp32")
     overrides.append(f"precision={dtype}")
     tokenizer = hf_dir / "tokenizer.json"
     if tokenizer.is_file():
@@ -111,6 +118,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, seq_length: int = 2048) -> Pa
         "parameters": sum(t.numel() for n, (t, _) in tensors.items() if n != f"model.{TIED_OUTPUT}"),
         "dtype": dtype,
         "imported_from": str(hf_dir.resolve()),
+        "source_files": source_files(hf_dir),
         "weights_only": True,
     }
     copies = {"tokenizer.json": tokenizer} if tokenizer.is_file() else {}

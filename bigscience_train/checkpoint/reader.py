@@ -33,11 +33,17 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
+def _tensors(reader: SafeReader) -> dict[str, TensorStorageMetadata]:
+    return {
+        key: value
+        for key, value in reader.read_metadata().state_dict_metadata.items()
+        if isinstance(value, TensorStorageMetadata)
+    }
+
+
 def _model_tensors(reader: SafeReader) -> dict[str, TensorStorageMetadata]:
     return {
-        key[len(MODEL_PREFIX) :]: value
-        for key, value in reader.read_metadata().state_dict_metadata.items()
-        if key.startswith(MODEL_PREFIX) and isinstance(value, TensorStorageMetadata)
+        key[len(MODEL_PREFIX) :]: v for key, v in _tensors(reader).items() if key.startswith(MODEL_PREFIX)
     }
 
 
@@ -48,10 +54,22 @@ def model_tensors_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
 
 def iter_model_tensors(path: Path, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Full (unsharded) model tensors, one at a time: memory holds one tensor, whatever the model's size."""
+    names = list(model_tensors_metadata(path)) if names is None else names
+    for key, tensor in iter_tensors(path, [MODEL_PREFIX + name for name in names]):
+        yield key[len(MODEL_PREFIX) :], tensor
+
+
+def tensors_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
+    """Every tensor's DCP key ('model.<name>', 'optim.state.<name>.exp_avg', ...), global shape and dtype."""
+    return _tensors(SafeReader(path))
+
+
+def iter_tensors(path: Path, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Whole tensors by DCP key, one at a time: memory holds one tensor, whatever the model's size."""
     reader = SafeReader(path)
-    tensors = _model_tensors(reader)
-    for name in names if names is not None else list(tensors):
-        meta = tensors[name]
+    tensors = _tensors(reader)
+    for key in keys:
+        meta = tensors[key]
         tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
-        safe_dcp_load({MODEL_PREFIX + name: tensor}, reader, no_dist=True)
-        yield name, tensor
+        safe_dcp_load({key: tensor}, reader, no_dist=True)
+        yield key, tensor

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from pathlib import Path
 
 from bigscience_train.config.load import load_config
 from bigscience_train.config.megds_cluster import map_cluster
-from bigscience_train.config.megds_launch import Arg, Launch, LaunchError, read_launch
+from bigscience_train.config.megds_launch import Arg, Launch, LaunchError, file_beside, read_launch
 from bigscience_train.config.megds_result import (
     DEFAULT,
     IGNORED,
@@ -194,8 +195,29 @@ class _Mapper:
                 "the launch does not give the vocabulary size: set model.vocab_size to the tokenizer's"
             )
         self.set("model.make_vocab_size_divisible_by", divisible, source, how)
-        if tokenizer is not None and not (tokenizer.text == "GPT2BPETokenizer" and vocab_file is not None):
-            self.skip(tokenizer, NO_EQUIVALENT, "data.tokenizer is always a Hugging Face tokenizer.json file")
+        self.tokenizer_files(tokenizer)
+
+    def tokenizer_files(self, tokenizer: Arg | None) -> None:
+        """GPT2BPETokenizer's --vocab-file and --merge-file are ours too; other tokenizers need a tokenizer.json."""
+        vocab, merges = self.take("--vocab-file"), self.take("--merge-file")
+        gpt2_bpe = tokenizer is None or tokenizer.text == "GPT2BPETokenizer"
+        if gpt2_bpe and vocab is not None and merges is not None:
+            self.set(
+                "data.tokenizer", None, vocab.name, "GPT-2's vocab and merge files replace a tokenizer.json"
+            )
+            self.set("data.vocab_file", vocab.text, vocab.name)
+            self.set("data.merge_file", merges.text, merges.name)
+            return
+        for arg in (vocab, merges):
+            if gpt2_bpe:
+                self.skip(arg, NO_EQUIVALENT, "GPT-2's vocab.json and merges.txt go together")
+            else:
+                self.skip(arg, IGNORED, f"only GPT2BPETokenizer reads it, not {tokenizer.text}")
+        self.skip(
+            tokenizer,
+            NO_EQUIVALENT,
+            "data.tokenizer is a Hugging Face tokenizer.json (or GPT-2's vocab and merges)",
+        )
         self.notes.append("data.tokenizer keeps the data preset's: set data.tokenizer=PATH/tokenizer.json")
 
     def parallel(self) -> None:
@@ -532,6 +554,9 @@ class _Mapper:
         else:
             self.skip(self.args.get("--split"), IGNORED, "without --data-path Megatron reads no split")
             self.notes.append("no --data-path: data.blend keeps the data preset's; set data.blend=[...]")
+        # Off by default in Megatron as here: set only when the launch turns them on.
+        for flag in ("eod_mask_loss", "reset_position_ids", "reset_attention_mask"):
+            self.setting(f"data.{flag}", "--" + flag.replace("_", "-"), bool, None)
         seed = self.setting("train.seed", "--seed", int, 1234)
         self.set("data.seed", seed, self.overrides[-1].source, "Megatron's --seed seeds the data shuffle too")
         impl = self.args.get("--data-impl")
@@ -540,6 +565,70 @@ class _Mapper:
         loader = self.args.get("--dataloader-type")
         if loader is not None and loader.text == "cyclic":
             self.skip(loader, NO_EQUIVALENT, "ours reads the samples once, in order (single)")
+
+    def skipped_iterations(self) -> None:
+        """--skip-train-iteration-range START-END ... as train.skip_iterations, overlapping ranges merged as
+        Megatron-DeepSpeed merges them (ours refuses overlaps)."""
+        arg = self.take("--skip-train-iteration-range")
+        if arg is None:
+            return
+        ranges: list[list[int]] = []
+        for value in arg.values:
+            first, _, last = value.partition("-")
+            try:
+                ranges.append([int(first), int(last)])
+            except ValueError:
+                raise self.error(arg, f"takes START-END ranges, got {value!r}") from None
+        merged: list[list[int]] = []
+        for first, last in sorted(ranges):
+            if merged and merged[-1][1] >= first:
+                merged[-1][1] = max(merged[-1][1], last)
+            else:
+                merged.append([first, last])
+        how = "overlapping ranges merged, as Megatron-DeepSpeed does" if len(merged) < len(ranges) else None
+        self.set("train.skip_iterations", merged, arg.name, how)
+
+    def validation_sets(self) -> None:
+        """--valid-weighted-split-paths (or the file --valid-weighted-split-paths-path names, read when it is
+        beside the launch) as data.valid: each group `NAME: WEIGHT START:END PATH, ...` one named set."""
+        arg = self.take("--valid-weighted-split-paths")
+        from_file = self.take("--valid-weighted-split-paths-path")
+        if arg is not None:
+            groups = arg.values
+        elif from_file is not None:
+            found = file_beside(self.launch.path, from_file.text)
+            if found is None:
+                reason = f"no such file next to {self.launch.path.name}: write its groups as data.valid"
+                self.skip(from_file, NO_EQUIVALENT, reason)
+                return
+            # Megatron-DeepSpeed's format: one line of double-quoted groups.
+            groups = shlex.split(found.read_text())
+            arg = from_file
+        else:
+            return
+        sets = [self.validation_set(arg, group) for group in groups]
+        how = "one set per group: its datasets' weights, and START:END as the valid share of the split"
+        self.set("data.valid", sets, arg.name, how)
+
+    def validation_set(self, arg: Arg, group: str) -> dict:
+        name, _, rest = group.partition(":")
+        blend, ranges = [], set()
+        for dataset in rest.split(","):
+            words = dataset.split()
+            try:
+                weight, span, path = words
+                start, end = (float(x) for x in span.split(":"))
+                blend += [str(float(weight)), path]
+            except ValueError:
+                raise self.error(arg, f"group {group!r}: each dataset is WEIGHT START:END PATH") from None
+            ranges.add((start, end))
+        if len(ranges) != 1:
+            raise self.error(
+                arg, f"group {name!r} reads different ranges {sorted(ranges)}: one range per set here"
+            )
+        ((start, end),) = ranges
+        prefix = blend[1:] if len(blend) == 2 else blend
+        return {"name": name.strip(), "prefix": prefix, "split": f"{start:g},{end - start:g},{1 - end:g}"}
 
     def outputs(self) -> None:
         self.setting("logging.log_interval", "--log-interval", int, 100)
@@ -615,6 +704,8 @@ def convert(path: str | Path) -> Conversion:
     m.batches()
     m.optimizer()
     m.data()
+    m.validation_sets()
+    m.skipped_iterations()
     m.outputs()
     m.deepspeed_rest()
     m.rest()

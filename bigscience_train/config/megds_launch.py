@@ -148,16 +148,22 @@ def read_ds_config(path: Path, args: list[Arg], heredocs: dict[str, HereDoc]):
     doc = heredocs.get(given)
     if doc is not None:
         return parse_json(doc.body or "", path, doc.line + 1), f"the here-document at line {doc.line}", None
-    candidates = [Path(given)] if Path(given).is_absolute() else [path.parent / given]
-    candidates.append(path.parent / Path(given).name)
-    for candidate in candidates:
-        if "$" not in str(candidate) and candidate.is_file():
-            return parse_json(candidate.read_text(), candidate, 1), str(candidate), None
+    found = file_beside(path, given)
+    if found is not None:
+        return parse_json(found.read_text(), found, 1), str(found), None
     return (
         None,
         None,
         f"{option.name} {given}: no here-document writes it and no such file next to {path.name}",
     )
+
+
+def file_beside(path: Path, given: str) -> Path | None:
+    """A file the launch at `path` names: as given (relative to the launch), or by its name next to the launch
+    (its directory on the cluster, set by variables defined elsewhere, is not this machine's)."""
+    candidates = [Path(given)] if Path(given).is_absolute() else [path.parent / given]
+    candidates.append(path.parent / Path(given).name)
+    return next((c for c in candidates if "$" not in str(c) and c.is_file()), None)
 
 
 def parse_json(text: str, path: Path, first_line: int) -> dict:

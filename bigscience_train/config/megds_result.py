@@ -64,6 +64,8 @@ def hydra_value(value) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
     # ${NAME} would be an OmegaConf interpolation: a shell variable left unresolved is written $NAME.
     text = re.sub(r"\$\{(\w+)\}", r"$\1", str(value))
     if PLAIN_VALUE.fullmatch(text) and not reads_as_other_type(text):

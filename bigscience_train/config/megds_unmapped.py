@@ -15,19 +15,13 @@ none | weights are drawn from N(0, model.init_std) | --init-method-xavier-unifor
 none | the loss is computed in fp32 | --fp16-lm-cross-entropy
 none | no sentinel tokens (T5) | --vocab-extra-ids
 none | ours splits one blend (data.blend) by data.split | --train-weighted-split-paths \
-    --valid-weighted-split-paths --test-weighted-split-paths --train-weighted-split-paths-path \
-    --valid-weighted-split-paths-path --test-weighted-split-paths-path
+    --test-weighted-split-paths --train-weighted-split-paths-path --test-weighted-split-paths-path
 none | our data loader has no worker count | --num-workers --valid-num-workers
-none | positions and attention run over the whole sample | --reset-position-ids --reset-attention-mask
-none | the loss counts every token alike | --eod-mask-loss --loss-on-targets-only \
-    --reweight-loss-based-on-position-frequency
+none | the loss counts every token alike | --loss-on-targets-only --reweight-loss-based-on-position-frequency
 none | data.tokenizer takes a tokenizer.json file (no hub at run time): save this tokenizer's and set \
 data.tokenizer | --tokenizer-name-or-path
-none | data.tokenizer takes a Hugging Face tokenizer.json: build one from the vocab and merges (tokenizers' \
-ByteLevelBPETokenizer.from_file(vocab, merges).save(...)) and set data.tokenizer | --vocab-file --merge-file
 none | the optimizer is torch's AdamW | --use-bnb-optimizer --cpu-optimizer --cpu-torch-adam
 none | the rate is always computed from this config | --use-checkpoint-lr-scheduler
-none | skip data with `bigscience ckpt rollback --skip-data` | --skip-train-iteration-range
 none | evaluate with `bigscience eval` | --eval-only --inference
 none | checkpoints always hold the whole training state | --no-save-optim --no-save-rng --no-load-rng
 none | for weights only, use train.load with train.finetune=true | --no-load-optim

@@ -77,6 +77,8 @@ class ParallelConfig:
     # in the training dtype.
     reduce_dtype: Dtype = Dtype.fp32
     recompute: Recompute = Recompute.none
+    # A collective that has not completed after this long fails the job (the process group's timeout).
+    timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -92,13 +94,41 @@ class PrecisionConfig:
 
 
 @dataclass
+class ValidSetConfig:
+    """A named validation set (BLOOM logged one validation loss per language, Megatron-DeepSpeed's
+    --valid-weighted-split-paths): its loss is logged as val_loss/<name>."""
+
+    name: str = MISSING
+    # Its datasets, in data.blend's syntax: [prefix] or [weight, prefix, weight, prefix, ...].
+    prefix: list[str] = MISSING
+    # Its share of the aggregate val_loss, the weighted mean over the sets.
+    weight: float = 1.0
+    # The set reads the valid split of its prefixes under this split (null: data.split), so a set drawn from
+    # the training datasets reads only the documents training leaves out; '0,1,0' reads a dataset whole.
+    split: str | None = None
+
+
+@dataclass
 class DataConfig:
+    # Named validation sets, each logged on its own; empty: the valid split of data.blend, as val_loss.
+    valid: list[ValidSetConfig] = field(default_factory=list)
     # Megatron-style blend: [weight, prefix, weight, prefix, ...] or [prefix].
     blend: list[str] = field(default_factory=list)
     split: str = "949,50,1"
-    tokenizer: str = MISSING
+    # A Hugging Face tokenizer.json, or (with tokenizer=null) GPT-2's vocab.json and merges.txt as Megatron's
+    # --vocab-file and --merge-file give them.
+    tokenizer: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
     seed: int = 1234
     cache_dir: str | None = None
+    # Megatron's --eod-mask-loss: no loss on the predictions made at EOD tokens.
+    eod_mask_loss: bool = False
+    # Megatron's --reset-position-ids: positions restart after each EOD (learned and rotary positions; ALiBi's
+    # bias is relative, and unchanged).
+    reset_position_ids: bool = False
+    # Megatron's --reset-attention-mask: tokens attend only within their own document of the sample.
+    reset_attention_mask: bool = False
 
 
 @dataclass
@@ -161,6 +191,13 @@ class TrainConfig:
     stop_signal: str = "SIGUSR1"
     # A file whose existence stops the run cleanly (checkpoint, exit) and ends a Slurm chain; null: none.
     kill_switch: str | None = "${run_dir}/kill-switch"
+    # No step finished for this long: every rank writes its stacks to RUN/hangs/<job>/ and the job exits, so
+    # that a chain's next job resumes (train/watchdog.py). Armed after the job's first step; checkpoint saves
+    # and validation count as time between steps. Less than parallel.timeout_minutes; null: no watchdog.
+    hang_timeout_minutes: float | None = 20.0
+    # Megatron-DeepSpeed's --skip-train-iteration-range: [[first, last], ...] iterations (1-based, inclusive) whose
+    # batches are skipped without a forward, backward or optimizer step, as BigScience did past loss spikes.
+    skip_iterations: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -253,6 +290,11 @@ class ClusterConfig:
     # Compute nodes without internet: HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE, WANDB_MODE.
     offline: bool = True
     launcher: Launcher = Launcher.torchrun
+    # Each node's devices, a matmul and an all-reduce across nodes checked before the model is built
+    # (parallel/health.py); a failing node is written to RUN/slurm/excluded_nodes, which later jobs exclude.
+    health_check: bool = True
+    # The health check's all-reduce must complete within this (the job's first collective on NCCL).
+    health_timeout_seconds: float = 120.0
     # train.stop_signal is sent this many seconds before the time limit (enough to save a checkpoint).
     signal_seconds: int = 300
     # Jobs in a chain across wall-clock limits (an array run one at a time, each resuming from `latest`).
@@ -283,6 +325,9 @@ class EvalConfig:
     max_gen_tokens: int = 64
     # Where results go (null: the run's eval/ folder; for hf, runs/eval/<directory name>/eval).
     output: str | None = None
+    # Where hf= is imported, once, and reused by later evaluations: a directory every node sees (null:
+    # <directory name>-import beside the output).
+    import_dir: str | None = None
 
 
 @dataclass

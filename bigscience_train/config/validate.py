@@ -136,7 +136,19 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
         c.max_restarts == 0 or c.launcher.value == "torchrun",
         f"cluster.max_restarts={c.max_restarts} needs cluster.launcher=torchrun (srun restarts nothing)",
     )
+    need(par.timeout_minutes > 0, f"parallel.timeout_minutes={par.timeout_minutes} must be positive")
+    need(
+        tr.hang_timeout_minutes is None or 0 < tr.hang_timeout_minutes < par.timeout_minutes,
+        f"train.hang_timeout_minutes={tr.hang_timeout_minutes} must be positive and less than "
+        f"parallel.timeout_minutes={par.timeout_minutes}: the hang watchdog must end the job before the "
+        "collective timeout does (or null: no watchdog)",
+    )
+    need(
+        c.health_timeout_seconds > 0,
+        f"cluster.health_timeout_seconds={c.health_timeout_seconds} must be positive",
+    )
     need(tr.resume in RESUME_MODES, f"train.resume={tr.resume!r} is not one of {', '.join(RESUME_MODES)}")
+    problems += skip_iteration_problems([list(r) for r in tr.skip_iterations])
     need(tr.eval_interval >= 1, f"train.eval_interval={tr.eval_interval} must be >= 1")
     need(tr.eval_iters >= 0, f"train.eval_iters={tr.eval_iters} must be >= 0")
     need(tr.eval_tasks_interval >= 1, f"train.eval_tasks_interval={tr.eval_tasks_interval} must be >= 1")
@@ -182,12 +194,98 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
         parse_blend(list(cfg.data.blend))
     except ValueError as e:
         problems.append(str(e))
-    split = [s for s in str(cfg.data.split).replace("/", ",").split(",") if s.strip()]
+    need(split_shares(cfg.data.split) is not None, split_message("data.split", cfg.data.split))
+    problems += valid_set_problems(cfg.data)
+    problems += tokenizer_problems(cfg.data)
+    return problems
+
+
+def tokenizer_problems(data) -> list[str]:
+    """data.tokenizer (a tokenizer.json) or the GPT-2 pair data.vocab_file and data.merge_file: one of them."""
+    gpt2 = [f"data.{name}" for name in ("vocab_file", "merge_file") if data[name] is not None]
+    if data.tokenizer is not None and gpt2:
+        return [
+            f"data.tokenizer and {' and '.join(gpt2)} are both set: give a tokenizer.json or GPT-2's vocab and "
+            "merge files, not both (data.tokenizer=null to use the GPT-2 files)"
+        ]
+    if len(gpt2) == 1:
+        missing = "data.merge_file" if gpt2[0] == "data.vocab_file" else "data.vocab_file"
+        return [f"{gpt2[0]} needs {missing} too (GPT-2's vocab.json and merges.txt go together)"]
+    if data.tokenizer is None and not gpt2:
+        return ["no tokenizer: set data.tokenizer (a tokenizer.json) or data.vocab_file and data.merge_file"]
+    return []
+
+
+def split_shares(split: str) -> list[float] | None:
+    """Megatron's split string ('949,50,1', '90/10') as its (train, valid, test) shares; None if malformed."""
+    parts = [s for s in str(split).replace("/", ",").split(",") if s.strip()]
     try:
-        ok = len(split) <= 3 and all(float(s) >= 0 for s in split) and sum(map(float, split)) > 0
+        shares = [float(s) for s in parts]
     except ValueError:
-        ok = False
-    need(ok, f"data.split={cfg.data.split!r} must be up to 3 non-negative numbers, e.g. '949,50,1'")
+        return None
+    if len(shares) > 3 or any(s < 0 for s in shares) or sum(shares) <= 0:
+        return None
+    return shares + [0.0] * (3 - len(shares))
+
+
+def split_message(name: str, split: str) -> str:
+    return f"{name}={split!r} must be up to 3 non-negative numbers, e.g. '949,50,1'"
+
+
+def skip_iteration_problems(ranges: list[list[int]]) -> list[str]:
+    """train.skip_iterations: [first, last] pairs of positive iterations, first <= last, no two overlapping."""
+    problems, good = [], []
+    for i, r in enumerate(ranges):
+        where = f"train.skip_iterations[{i}]={r}"
+        if len(r) != 2:
+            problems.append(f"{where} must be [first, last]")
+        elif r[0] < 1:
+            problems.append(f"{where}: iterations count from 1; first={r[0]} must be positive")
+        elif r[0] > r[1]:
+            problems.append(f"{where}: first={r[0]} is after last={r[1]}")
+        else:
+            good.append((r[0], r[1], i))
+    good.sort()
+    # Each range against the one reaching furthest before it: every range that overlaps an earlier one is named.
+    reach: tuple[int, int] | None = None
+    for first, last, j in good:
+        if reach is not None and first <= reach[0]:
+            i = reach[1]
+            problems.append(
+                f"train.skip_iterations[{i}]={ranges[i]} and [{j}]={ranges[j]} overlap (iteration {first})"
+            )
+        if reach is None or last > reach[0]:
+            reach = (last, j)
+    return problems
+
+
+def valid_set_problems(data) -> list[str]:
+    """data.valid: named sets with unique names fit for a metric key, positive weights, a blend, and a split
+    whose valid share is not empty."""
+    problems, seen = [], set()
+    for i, vs in enumerate(data.valid):
+        where = f"data.valid[{i}]"
+        if not vs.name or any(c.isspace() or c == "/" for c in vs.name):
+            problems.append(f"{where}.name={vs.name!r} must be a non-empty name without spaces or '/'")
+        elif vs.name in seen:
+            problems.append(f"{where}.name={vs.name!r} is used by an earlier set: names are metric keys")
+        seen.add(vs.name)
+        if not vs.weight > 0:
+            problems.append(f"{where}.weight={vs.weight} must be positive")
+        try:
+            prefixes, _ = parse_blend(list(vs.prefix), f"{where}.prefix")
+        except ValueError as e:
+            problems.append(str(e))
+        else:
+            if not prefixes or not prefixes[0]:
+                problems.append(f"{where}.prefix is empty: give at least one dataset prefix")
+        split = data.split if vs.split is None else vs.split
+        shares = split_shares(split)
+        if vs.split is not None and shares is None:
+            problems.append(split_message(f"{where}.split", vs.split))
+        elif shares is not None and shares[1] == 0:
+            name = f"{where}.split" if vs.split is not None else "data.split"
+            problems.append(f"{name}={split!r} gives {where} ({vs.name}) an empty valid split")
     return problems
 
 
@@ -249,16 +347,29 @@ def rampup_problems(rampup: list[int], gbs: int, step: int) -> list[str]:
 def file_problems(cfg: RunConfig) -> list[str]:
     """Inputs a training run reads, checked before it starts."""
     problems = []
-    if not Path(cfg.data.tokenizer).is_file():
-        problems.append(f"data.tokenizer: no such file {cfg.data.tokenizer}")
+    for name in ("tokenizer", "vocab_file", "merge_file"):
+        value = cfg.data[name]
+        if value is not None and not Path(value).is_file():
+            problems.append(f"data.{name}: no such file {value}")
     prefixes, _ = parse_blend(list(cfg.data.blend))
     if not prefixes:
         problems.append("data.blend is empty: give at least one dataset prefix")
-    for prefix in prefixes:
-        for suffix in (".bin", ".idx"):
-            if not Path(prefix + suffix).is_file():
-                problems.append(f"data.blend: no such file {prefix}{suffix}")
+    problems += _dataset_file_problems("data.blend", prefixes)
+    for i, vs in enumerate(cfg.data.valid):
+        try:
+            problems += _dataset_file_problems(f"data.valid[{i}].prefix", parse_blend(list(vs.prefix))[0])
+        except ValueError:
+            continue  # config_problems names it
     return problems
+
+
+def _dataset_file_problems(name: str, prefixes: list[str]) -> list[str]:
+    return [
+        f"{name}: no such file {prefix}{suffix}"
+        for prefix in prefixes
+        for suffix in (".bin", ".idx")
+        if not Path(prefix + suffix).is_file()
+    ]
 
 
 def validate(cfg: RunConfig, world_size: int = 1, check_files: bool = False) -> None:

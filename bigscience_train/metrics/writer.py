@@ -55,7 +55,8 @@ class MetricsWriter:
                 if key in ("step", "kind") or not isinstance(value, (int, float)):
                     continue
                 self.tb.add_scalar(f"{record['kind']}/{key}", value, step)
-                if tokens is not None and key in _TOKEN_AXIS_KEYS:
+                # val_loss/<name>: a named validation set's, plotted against tokens like val_loss.
+                if tokens is not None and key.split("/")[0] in _TOKEN_AXIS_KEYS:
                     self.tb.add_scalar(f"{record['kind']}-vs-tokens/{key}", value, tokens)
         if self.wandb is not None:
             # Step and consumed tokens ride along with every point: either is an x-axis in the W&B UI.

@@ -57,6 +57,32 @@ def causal_mask(
     return positions.alibi_causal_bias(alibi_slopes, seq_len, dtype)
 
 
+def _document_causal(document_ids: torch.Tensor):
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (document_ids[batch, q_idx] == document_ids[batch, kv_idx])
+
+    return mask_mod
+
+
+def within_documents(mask: AttentionMask, document_ids: torch.Tensor) -> AttentionMask:
+    """`mask` (causal_mask's) restricted to keys in the query's own document, as Megatron's reset attention
+    mask has it; document_ids (batch, seq) numbers each token's document in its sample.
+
+    flex: a block mask per batch, which also skips the blocks between documents. sdpa: a boolean
+    (batch, 1, seq, seq) mask, or with ALiBi its bias with -inf across documents, (batch, heads, seq, seq):
+    SDPA takes one mask, and Megatron's fused softmax held the same scores."""
+    batch, seq = document_ids.shape
+    if isinstance(mask, FlexMask):
+        block_mask = create_block_mask(
+            _document_causal(document_ids), batch, None, seq, seq, device=document_ids.device
+        )
+        return FlexMask(block_mask, mask.alibi_slopes)
+    same = document_ids[:, None, :, None] == document_ids[:, None, None, :]
+    if mask is None:
+        return same & torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    return mask.masked_fill(~same, float("-inf"))
+
+
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: FlexMask) -> torch.Tensor:
     slopes = mask.alibi_slopes
     score_mod = None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigscience_train.model import positions
-from bigscience_train.model.attention import AttentionMask, causal_attention, causal_mask
+from bigscience_train.model.attention import AttentionMask, causal_attention, causal_mask, within_documents
 from bigscience_train.model.init import LocalPart, normal_part, whole
 from bigscience_train.model.output_loss import matmul_dtype, output_layer_loss
 from bigscience_train.model.shape import GPTShape
@@ -66,6 +66,9 @@ class Block(nn.Module):
 
 # The modules before the first block: a pipeline's first stage holds them.
 EMBEDDING_MODULES = ("word_embeddings", "position_embeddings", "word_embeddings_layernorm")
+# What a batch may hold for forward() besides its tokens (Megatron's document flags): every pipeline stage
+# takes them.
+BATCH_INPUTS = ("position_ids", "document_ids")
 
 
 class Transformer(nn.Module):
@@ -175,11 +178,13 @@ class GPT(nn.Module):
         slopes = self.alibi_slopes
         self.register_buffer("alibi_slopes", slopes[heads.start : heads.stop].clone(), persistent=False)
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         t = self.transformer
         x = t.word_embeddings(tokens)
         if self.shape.position == "learned":
-            x = x + t.position_embeddings(torch.arange(tokens.shape[1], device=tokens.device))
+            if position_ids is None:
+                position_ids = torch.arange(tokens.shape[1], device=tokens.device)
+            x = x + t.position_embeddings(position_ids)
         if self.shape.embedding_layernorm:
             x = t.word_embeddings_layernorm(x)
         return t.embedding_dropout(x)
@@ -204,6 +209,8 @@ class GPT(nn.Module):
         logits_at: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (batch, seq, padded vocab) of next tokens for tokens (batch, seq). A pipeline stage
         (keep_layers) without the embedding takes hidden states, one without the output layer returns them.
@@ -214,18 +221,24 @@ class GPT(nn.Module):
 
         labels and loss_mask (batch, seq): returns (sum of the masked tokens' losses, their count) instead,
         through the fused output layer and loss (output_loss.py), without whole logits. Not with a
-        vocab-parallel output layer."""
+        vocab-parallel output layer.
+
+        position_ids (batch, seq): each token's position for learned and rotary positions (0..seq-1 when
+        None); ALiBi's bias depends on distances only. document_ids (batch, seq): each token's document in its
+        sample, when attention must not cross documents; None: one causal mask over the whole sample."""
         t = self.transformer
         if t.word_embeddings is not None:
             seq_len = x.shape[1]
-            x = self.embed(x)
+            x = self.embed(x, position_ids)
         else:
             seq_len = x.shape[1] * self.sequence_shards
         # An ALiBi bias is built in the dtype attention runs in: autocast would cast it in every layer.
         mask = self._attention_mask(seq_len, matmul_dtype(x), x.device)
+        if document_ids is not None:
+            mask = within_documents(mask, document_ids)
         rope = None
         if self.shape.position == "rotary":
-            rope = positions.rotary_cos_sin(self.rotary_inv_freq, seq_len, x.dtype)
+            rope = positions.rotary_cos_sin(self.rotary_inv_freq, seq_len, x.dtype, position_ids)
         for block in t.h.values():
             x = block(x, mask, rope)
         if self.lm_head is None:

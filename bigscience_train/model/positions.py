@@ -40,12 +40,18 @@ def rotary_inv_freq(head_dim: int, base: float, device: torch.device | None = No
 
 
 def rotary_cos_sin(
-    inv_freq: torch.Tensor, seq_len: int, dtype: torch.dtype
+    inv_freq: torch.Tensor, seq_len: int, dtype: torch.dtype, position_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (seq, head_dim) for positions 0..seq_len-1."""
-    t = torch.arange(seq_len, device=inv_freq.device, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)
+    """cos and sin tables of shape (seq, head_dim) for positions 0..seq_len-1, or (batch, 1, seq, head_dim)
+    for the position of each token in position_ids (batch, seq)."""
+    if position_ids is None:
+        t = torch.arange(seq_len, device=inv_freq.device, dtype=torch.float32)
+    else:
+        t = position_ids.to(torch.float32)
+    freqs = t[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
+    if position_ids is not None:
+        emb = emb.unsqueeze(1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 
-from bigscience_train.model.gpt import GPT, build_on_meta, count_parameters
+from bigscience_train.model.gpt import BATCH_INPUTS, GPT, build_on_meta, count_parameters
 from bigscience_train.model.shape import GPTShape
 from bigscience_train.parallel.comm_wait import CommWait
 from bigscience_train.parallel.data import apply_data_parallel, sync_micro_batch
@@ -35,6 +36,19 @@ from bigscience_train.parallel.tensor import (
 )
 
 
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """The parameters, on the meta device, in `dtype` (no storage yet, so nothing is copied); buffers keep
+    theirs (ALiBi slopes and rotary frequencies stay fp32), and tied parameters stay one."""
+    cast: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dtype == dtype:
+                continue
+            if id(param) not in cast:
+                cast[id(param)] = nn.Parameter(param.to(dtype), requires_grad=param.requires_grad)
+            setattr(module, name, cast[id(param)])
+
+
 class ParallelModel:
     """The rank's part of the model and how one step runs through it at this layout."""
 
@@ -47,9 +61,12 @@ class ParallelModel:
         compile_blocks: bool = False,
         fused_output_loss: bool = False,
         storage: contextlib.AbstractContextManager | None = None,
+        weights_dtype: str = "fp32",
     ):
         """storage: entered where the rank's shards are allocated and initialised (a dry run's
-        FakeTensorMode); the meta model, its plans and its mesh are built outside it."""
+        FakeTensorMode); the meta model, its plans and its mesh are built outside it. weights_dtype: the
+        dtype the parameters are allocated in (evaluation loads weights in its precision; training keeps
+        fp32 masters)."""
         dims = penv.dims
         self.shape, self.penv, self.dims, self.dtype = shape, penv, dims, dtype
         self.num_parameters = count_parameters(build_on_meta(shape))
@@ -60,6 +77,7 @@ class ParallelModel:
         else:
             parts = [build_on_meta(shape)]
         for part in parts:
+            cast_parameters(part, TORCH_DTYPES[weights_dtype])
             # Tensor parallelism first: its plan names the blocks' submodules, which recompute wraps.
             if dims.tp > 1:
                 apply_tensor_parallel(part, penv.mesh["tp"], dims.sequence_parallel)
@@ -119,10 +137,13 @@ class ParallelModel:
         for j, batch in enumerate(batches):
             if train and self.dims.dp > 1:
                 sync_micro_batch(model, self.dims.dp_shard, last=j == len(batches) - 1)
+            inputs = {key: batch[key] for key in BATCH_INPUTS if key in batch}
             if self.fused_output_loss:
-                loss_sum, count = model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+                loss_sum, count = model(
+                    batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"], **inputs
+                )
             else:
-                logits = model(batch["tokens"])
+                logits = model(batch["tokens"], **inputs)
                 loss_sum, count = masked_lm_loss_sum(logits, batch["labels"], batch["loss_mask"])
                 # Nothing saves the logits for backward: held here, they would stay alive through it.
                 del logits
@@ -150,7 +171,8 @@ class ParallelModel:
             -1,
         )
         total = torch.zeros(3, dtype=torch.float64, device=self.penv.device)
-        total[2] = self.pipeline.run(tokens, target, num_micro, train)
+        inputs = {key: torch.cat([b[key] for b in batches]) for key in BATCH_INPUTS if key in batches[0]}
+        total[2] = self.pipeline.run(tokens, target, num_micro, train, inputs)
         self.comm_wait.seconds += self.pipeline.reduce_seconds
         # A new schedule's first pass also calls the loss once to infer gradient shapes: not a micro-batch.
         for record in records[-num_micro:]:

@@ -247,11 +247,20 @@ class Pipeline:
         # Set by the caller for each pass: its closure also records each micro-batch's loss and tokens.
         return self.loss_fn(output, target)
 
-    def run(self, tokens: torch.Tensor, target: torch.Tensor, micro_batches: int, train: bool) -> float:
+    def run(
+        self,
+        tokens: torch.Tensor,
+        target: torch.Tensor,
+        micro_batches: int,
+        train: bool,
+        inputs: dict[str, torch.Tensor] | None = None,
+    ) -> float:
         """One pass over the batch (split into micro-batches by the schedule): forward and backward when
         training, forward only otherwise. The loss function sees each micro-batch's output on the last
         stage. Every rank passes the batch's tokens (only the first stage computes on them: the others
-        read their shape). Returns this rank's idle fraction of the pass."""
+        read their shape). `inputs`: the model's other batch inputs (position and document ids), given to
+        every stage's forward as keyword arguments, split like the tokens: each rank holds the whole batch,
+        so nothing more travels between stages. Returns this rank's idle fraction of the pass."""
         stages, schedule = self._schedule(micro_batches, tokens.shape[0] // micro_batches, tokens.shape[1])
         for stage in stages:
             stage.busy_seconds = stage.reduce_seconds = 0.0
@@ -260,7 +269,7 @@ class Pipeline:
         start = time.perf_counter()
         # The loss function records what a pass yields: kept for the schedule to return, the last stage's
         # logits of every micro-batch would stay alive to the end of the step.
-        (schedule.step if train else schedule.eval)(*args, return_outputs=False, **kwargs)
+        (schedule.step if train else schedule.eval)(*args, return_outputs=False, **kwargs, **(inputs or {}))
         elapsed = time.perf_counter() - start
         self.reduce_seconds = sum(s.reduce_seconds for s in stages)
         return max(0.0, 1.0 - sum(s.busy_seconds for s in stages) / elapsed)

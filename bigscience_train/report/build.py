@@ -52,10 +52,24 @@ def summary_rows(data: RunData) -> list[tuple[str, str]]:
             rows.append(
                 ("loss spikes", ", ".join(f"step {r['step']} ({r['ratio']:.2f}x)" for r in spikes[-5:]))
             )
+        # A range is announced again by each job that resumed inside it: listed once.
+        skipped = {tuple(r["range"]): None for r in data.events if r["kind"] == "skip"}
+        if skipped:
+            rows.append(("skipped iterations", ", ".join(f"{a}-{b}" for a, b in skipped)))
     if data.valid:
+        last = data.valid[-1]
+        names = data.valid_sets()
         rows += [
-            ("validation loss (last)", f"{data.valid[-1]['val_loss']:.4f}"),
-            ("validation perplexity (last)", f"{data.valid[-1]['val_ppl']:.2f}"),
+            (
+                "validation loss (last)" + (", weighted mean of the sets" if names else ""),
+                f"{last['val_loss']:.4f}",
+            ),
+            ("validation perplexity (last)", f"{last['val_ppl']:.2f}"),
+        ]
+        rows += [
+            (f"validation loss {name} (last)", f"{last[f'val_loss/{name}']:.4f}")
+            for name in names
+            if f"val_loss/{name}" in last
         ]
     c = data.carbon
     if c.runs:

@@ -72,7 +72,11 @@ def plot_loss(data: RunData, ax) -> None:
     ax.set(xlabel="consumed tokens", ylabel="loss")
     ax.plot(*_column(data.train, "loss"), label="train", lw=1)
     if data.valid:
-        ax.plot(*_column(data.valid, "val_loss"), "o-", label="validation", ms=3)
+        names = data.valid_sets()
+        label = "validation (weighted mean)" if names else "validation"
+        ax.plot(*_column(data.valid, "val_loss"), "o-", label=label, ms=3)
+        for name in names:
+            ax.plot(*_column(data.valid, f"val_loss/{name}"), ".--", label=f"validation: {name}", ms=3, lw=1)
     ax.legend()
 
 

@@ -26,11 +26,17 @@ class RunData:
     valid: list[dict]
     carbon: CarbonTotals
     evals: list[dict]  # {"step", "tokens", "task", "metric", "value", "stderr"}
-    # What the trainer noticed: loss spikes, stragglers, rollbacks (metrics.jsonl records of those kinds).
+    # What the trainer noticed or did: loss spikes, stragglers, rollbacks, skipped iterations (metrics.jsonl
+    # records of those kinds).
     events: list[dict]
 
+    def valid_sets(self) -> list[str]:
+        """The named validation sets (data.valid) the valid records hold a val_loss/<name> for, in order."""
+        names = {key.split("/", 1)[1]: None for r in self.valid for key in r if key.startswith("val_loss/")}
+        return list(names)
 
-EVENTS = ("spike", "straggler", "rollback")
+
+EVENTS = ("spike", "straggler", "rollback", "skip")
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:

@@ -211,12 +211,33 @@ def training_script(
 def command_script(job: Job, commands: list[list[str]], per_task: list[str] | None = None) -> str:
     """Plain commands run one after the other on the first node (SHELL_VARS expand in the job); with
     `per_task`, an array job's task i has TASK_ITEM set to per_task[i]."""
-    items = (
-        [bash_array("TASK_ITEMS", per_task), "TASK_ITEM=${TASK_ITEMS[$SLURM_ARRAY_TASK_ID]}"]
-        if per_task
-        else []
-    )
-    return "\n".join([*header(job), "", *items, *map(command_line, commands)]) + "\n"
+    return "\n".join([*header(job), "", *task_items(per_task), *map(command_line, commands)]) + "\n"
+
+
+def task_items(per_task: list[str] | None) -> list[str]:
+    if not per_task:
+        return []
+    return [bash_array("TASK_ITEMS", per_task), "TASK_ITEM=${TASK_ITEMS[$SLURM_ARRAY_TASK_ID]}"]
+
+
+def distributed_script(job: Job, module_args: list[str], per_task: list[str] | None = None) -> str:
+    """`python -m MODULE ARGS` (module_args) as one process group over every node of the job: torchrun on
+    each node, meeting at the first node's address, or with cluster.launcher=srun one srun task per rank.
+    SHELL_VARS expand in the arguments; per_task as command_script's."""
+    c = job.cluster
+    module = command_line(module_args)
+    if c.launcher.value == "srun":
+        launch = ['srun --kill-on-bad-exit=1 --label "$PYTHON" -m ' + module]
+    else:
+        launch = [
+            "# Each rank's output lines start with [rankN].",
+            "export TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[rank${rank}]: '",
+            'srun --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run \\',
+            f'  --nnodes="$SLURM_NNODES" --nproc-per-node={c.procs_per_node} --max-restarts=0 --tee=3 \\',
+            '  --rdzv-id="$SLURM_JOB_ID" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \\',
+            f"  -m {module}",
+        ]
+    return "\n".join([*header(job), "", *task_items(per_task), *master_address(), *launch]) + "\n"
 
 
 def write_script(path: Path, text: str) -> Path:

@@ -14,15 +14,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from bigscience_train.config import (
     ConfigError,
     cluster_world_size,
     config_problems,
     data_parallel_size,
     load_config,
+    load_config_file,
     to_yaml,
 )
 from bigscience_train.config.validate import file_problems
+from bigscience_train.excluded_nodes import read_excluded_nodes
 from bigscience_train.fsutil import atomic_write_text
 from bigscience_train.plan.estimate import layout_of, make_plan
 from bigscience_train.plan.report import fit_verdict, memory_breakdown
@@ -34,6 +38,7 @@ from bigscience_train.slurm.script import (
     TASK_ITEM,
     Job,
     command_script,
+    distributed_script,
     training_script,
     write_script,
 )
@@ -100,18 +105,33 @@ def prepare_training(overrides: list[str], force: bool = False, memory: bool = T
     memory: refuse a layout the planner predicts not to fit (off where a dry run measured it)."""
     cfg = load_config(overrides)
     check(cfg, memory=memory and not force)
+    return render_training(cfg)
+
+
+def with_excluded_nodes(cluster, run_dir: Path):
+    """The cluster preset with the nodes the run's health checks failed (RUN/slurm/excluded_nodes) added to
+    its `exclude`."""
+    given = [n for n in (cluster.exclude or "").split(",") if n]
+    found = [n for n in read_excluded_nodes(run_dir) if n not in given]
+    if not found:
+        return cluster
+    return OmegaConf.merge(cluster, {"exclude": ",".join(given + found)})
+
+
+def render_training(cfg, first_task: int = 1) -> Prepared:
+    """job.sbatch of a checked config; a chain's array runs tasks first_task..cluster.chain_jobs."""
     c = cfg.cluster
     python, workdir = _place(c)
     run_dir = Path(_absolute(workdir, cfg.run_dir))
     chain = c.chain_jobs > 1
     job = Job(
         name=cfg.name,
-        cluster=c,
+        cluster=with_excluded_nodes(c, run_dir),
         python=python,
         workdir=str(workdir),
         output=str(run_dir / "slurm" / "logs" / ("%x-%A_%a.out" if chain else "%x-%j.out")),
         tasks_per_node=_tasks_per_node(c),
-        array=f"1-{c.chain_jobs}%1" if chain else None,
+        array=f"{first_task}-{c.chain_jobs}%1" if chain else None,
         signal=_signal_directive(cfg),
         description=f"Training run {cfg.name}: model {cfg.model.name} on {_layout(cfg)}"
         + (f"; a chain of up to {c.chain_jobs} jobs of {c.time}" if chain else ""),
@@ -245,45 +265,70 @@ def prepare_preprocess(
     )
 
 
-def prepare_eval(run_dir: str, overrides: list[str], max_parallel: int | None = None) -> Prepared | None:
-    """One array task per checkpoint of the run not yet evaluated on the tasks (None: nothing left), each
-    `python -m evaluation checkpoint=...` on one node, under torchrun when the preset has several ranks
-    per node (the layout: parallel.tp, dp from the rest)."""
-    from evaluation.run import expand_short_keys, pending_checkpoints
+def prepare_eval(target: str, overrides: list[str], max_parallel: int | None = None) -> Prepared | None:
+    """An evaluation job on the fewest nodes that hold one model (ceil(tp x pp / procs_per_node); dp fills
+    the rest), `python -m evaluation` on every rank. `target`: a run directory, for an array with one task per
+    checkpoint not yet evaluated on the tasks (None: nothing left); or hf=DIR, for one job whose rank 0 imports
+    DIR into eval.import_dir, which every node sees."""
+    from evaluation.run import expand_short_keys, hf_paths, pending_checkpoints
 
-    cfg = load_config(expand_short_keys(overrides))
-    c = cfg.cluster
-    c.nodes, c.chain_jobs = 1, 1
+    hf = target.removeprefix("hf=") if target.startswith("hf=") else None
+    if hf is None and "=" in target:
+        raise ValueError(f"{target!r}: give a run directory or hf=DIR first, then the overrides")
+    cfg = load_config(expand_short_keys([*overrides, *([f"hf={hf}"] if hf else [])]))
+    c, par = cfg.cluster, cfg.parallel
+    model_ranks = par.tp * par.pp
+    c.nodes, c.chain_jobs = -(-model_ranks // max(c.procs_per_node, 1)), 1
+    world = c.nodes * c.procs_per_node
     problems = cluster_problems(c)
-    if problems:
-        raise ConfigError(problems)
+    if world % model_ranks:
+        problems.append(
+            f"parallel.tp x parallel.pp = {model_ranks} ranks do not divide the job's {world} "
+            f"({c.nodes} node(s) x cluster.procs_per_node={c.procs_per_node})"
+        )
+    if par.virtual_stages > 1:
+        problems.append("parallel.virtual_stages > 1: evaluation runs one pipeline stage per rank")
     python, workdir = _place(c)
-    run = Path(_absolute(workdir, run_dir))
-    output = Path(_absolute(workdir, cfg.eval.output)) if cfg.eval.output else None
-    steps = pending_checkpoints(run, list(cfg.eval.tasks), output or run / "eval")
-    if not steps:
-        return None
-    (run / "slurm" / "logs").mkdir(parents=True, exist_ok=True)
-    array = f"0-{len(steps) - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    # Given again below as absolute paths, which every node reads alike.
+    dropped = ("run", "checkpoint", "hf", "output", "import_dir")
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+").removeprefix("eval.") not in dropped]
+    layout = f"(tp, pp, dp) = ({par.tp}, {par.pp}, {world // model_ranks}) on {c.nodes} node(s)"
+    if hf:
+        hf_dir = Path(_absolute(workdir, hf))
+        if not (hf_dir / "config.json").is_file():
+            problems.append(f"hf={hf_dir} has no config.json: not a Hugging Face model directory")
+        if problems:
+            raise ConfigError(problems)
+        output, import_dir = (Path(_absolute(workdir, str(p))) for p in hf_paths(cfg.eval))
+        root, array, per_task = output.parent, None, None
+        args = [f"hf={hf_dir}", f"output={output}", f"import_dir={import_dir}"]
+        what = f"Evaluate {hf_dir} (imported into {import_dir})"
+    else:
+        if problems:
+            raise ConfigError(problems)
+        root = Path(_absolute(workdir, target))
+        output = Path(_absolute(workdir, cfg.eval.output)) if cfg.eval.output else None
+        steps = pending_checkpoints(root, list(cfg.eval.tasks), output or root / "eval")
+        if not steps:
+            return None
+        array = f"0-{len(steps) - 1}" + (f"%{max_parallel}" if max_parallel else "")
+        per_task = [str(s) for s in steps]
+        args = [f"checkpoint={TASK_ITEM}", *([f"output={output}"] if output else [])]
+        what = f"Evaluate {len(steps)} checkpoint(s) of {root}"
+    (root / "slurm" / "logs").mkdir(parents=True, exist_ok=True)
     job = Job(
-        f"{run.name}-eval",
+        f"{root.name}-eval",
         c,
         python,
         str(workdir),
-        str(run / "slurm" / "logs" / "%x-%A_%a.out"),
-        1,
+        str(root / "slurm" / "logs" / ("%x-%A_%a.out" if array else "%x-%j.out")),
+        _tasks_per_node(c),
         array,
         None,
-        f"Evaluate {len(steps)} checkpoint(s) of {run} on {', '.join(cfg.eval.tasks)}",
+        f"{what} on {', '.join(cfg.eval.tasks)} at {layout}",
     )
-    launcher = [PYTHON, "-m"]
-    if c.procs_per_node > 1:
-        launcher += ["torch.distributed.run", "--standalone", f"--nproc_per_node={c.procs_per_node}", "-m"]
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+") not in ("run", "checkpoint", "hf")]
-    script = command_script(
-        job, [[*launcher, "evaluation", f"checkpoint={TASK_ITEM}", *kept]], [str(s) for s in steps]
-    )
-    return Prepared(write_script(run / "slurm" / "eval.sbatch", script), script, [(run, None)])
+    script = distributed_script(job, ["evaluation", *args, *kept], per_task)
+    return Prepared(write_script(root / "slurm" / "eval.sbatch", script), script, [(root, None)])
 
 
 def active_jobs(run_dir: Path) -> list[str]:
@@ -291,12 +336,26 @@ def active_jobs(run_dir: Path) -> list[str]:
     return [j.job_id for j in jobs if j.active]
 
 
-def sbatch(prepared: Prepared, kind: str, dependency: str | None = None) -> str:
+def resubmit_chain(run_dir: Path, first_task: int, dependency: str | None = None) -> str:
+    """From inside a job of a chain: submits its tasks first_task.. again, rendered anew from
+    RUN/slurm/config.yaml (with the nodes excluded since); returns the new array's id."""
+    prepared = render_training(load_config_file(Path(run_dir) / "slurm" / "config.yaml"), first_task)
+    # The job's own SLURM_* and SBATCH_* variables would pass its allocation to the new job (sbatch hands
+    # its environment on): only where the cluster is stays.
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_")) or k == "SLURM_CONF"
+    }
+    return sbatch(prepared, "train", dependency=dependency, env=env)
+
+
+def sbatch(prepared: Prepared, kind: str, dependency: str | None = None, env: dict | None = None) -> str:
     """Submit; record the job id in each directory's slurm/jobs.jsonl; return the id."""
     cmd = ["sbatch", "--parsable"]
     if dependency:
         cmd.append(f"--dependency={dependency}")
-    done = subprocess.run([*cmd, str(prepared.script_path)], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [*cmd, str(prepared.script_path)], capture_output=True, text=True, check=False, env=env
+    )
     if done.returncode != 0:
         raise SlurmError(
             f"sbatch {prepared.script_path} failed: {done.stderr.strip() or done.stdout.strip()}"

@@ -42,9 +42,10 @@ from bigscience_train.metrics.writer import MetricsWriter
 from bigscience_train.parallel.build import ParallelModel
 from bigscience_train.parallel.comm_wait import device_time
 from bigscience_train.parallel.env import ParallelEnv
+from bigscience_train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples
 from bigscience_train.train.precision import DynamicLossScaler
-from bigscience_train.train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples
 from bigscience_train.train.stop import StopRequests
+from bigscience_train.train.watchdog import run_watchdog
 
 # A step's time, per phase (seconds), in every train record.
 STEP_BREAKDOWN = ("data_time", "forward_backward_time", "optimizer_time", "comm_wait")
@@ -68,6 +69,10 @@ class TrainResult:
     first_val_loss: float | None
     last_val_loss: float | None
     checkpoint: Path | None
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
 
 
 def seed_everything(seed: int) -> None:
@@ -109,10 +114,10 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.start_time = time.monotonic()
         tr = cfg.train
-        self.tokenizer = Tokenizer(cfg.data.tokenizer)
+        self.tokenizer = Tokenizer.from_config(cfg.data)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ValueError(
-                f"data.tokenizer {cfg.data.tokenizer} has {self.tokenizer.vocab_size} tokens but "
+                f"the tokenizer {self.tokenizer.source} has {self.tokenizer.vocab_size} tokens but "
                 f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size"
             )
         self.shape = penv.dims.model_shape(cfg.model)
@@ -139,9 +144,19 @@ class Trainer:
         warmup = opt.warmup_samples * seq if by_tokens else opt.warmup_samples
         self.lr_by_tokens = by_tokens
         self.lr_schedule = LRSchedule(opt.lr, opt.min_lr, warmup, decay, opt.decay_style.value)
+        named = list(cfg.data.valid)
+        # Splits training does not read are not built: the test split (megatron-core refuses a weighted blend
+        # one epoch of it), and with named validation sets data.blend's valid split.
         self.splits = build_splits(
-            cfg.data, seq, self.tokenizer, (self.train_samples, self.eval_samples, None)
+            cfg.data, seq, self.tokenizer, (self.train_samples, 0 if named else self.eval_samples, 0)
         )
+        self.valid_sets = {
+            vs.name: build_splits(
+                cfg.data, seq, self.tokenizer, (0, self.eval_samples, 0), vs.prefix, vs.split
+            ).valid
+            for vs in named
+        }
+        self.valid_weights = {vs.name: vs.weight for vs in named}
 
         self.state = TrainState()
         self.checkpoints = CheckpointManager(
@@ -159,6 +174,10 @@ class Trainer:
         self.carbon: NodeTracker | None = None
         self.rollback_applied: dict | None = None
         self.recent_losses: deque[float] = deque(maxlen=cfg.logging.spike_window)
+        self.job_first_step = 0
+        self.skip_ranges = [(a, b) for a, b in tr.skip_iterations]
+        # The train.skip_iterations range being skipped, once announced.
+        self.skipping: tuple[int, int] | None = None
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def _micro_batches(self, dataset, consumed: int, global_batch: int):
@@ -171,8 +190,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         gbs = self.batch_schedule.at(self.state.consumed_samples)
-        progress = self.state.consumed_tokens if self.lr_by_tokens else self.state.consumed_samples
-        lr = self.lr_schedule.at(progress) * self.state.lr_scale
+        lr = self.lr_schedule.at(self._lr_progress()) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.parallel.train()
@@ -203,9 +221,7 @@ class Trainer:
             optimizer_seconds = device_time(device) - optimizer_start
         else:
             optimizer_seconds = 0.0
-        self.state.step += 1
-        self.state.consumed_samples += gbs
-        self.state.consumed_tokens += gbs * self.cfg.model.seq_length
+        self._advance(gbs, trained=True)
         self.state.skipped_steps += int(bad)
         out = {
             "loss": loss,
@@ -231,23 +247,83 @@ class Trainer:
             out["pp_bubble_theory"] = bubble_theory
         return out
 
+    def _lr_progress(self) -> int:
+        """Where the LR schedule stands: consumed samples (or tokens) less those of skipped iterations."""
+        s = self.state
+        if self.lr_by_tokens:
+            return s.consumed_tokens - s.lr_skipped_tokens
+        return s.consumed_samples - s.lr_skipped_samples
+
+    def _advance(self, gbs: int, trained: bool) -> None:
+        """One iteration done: its batch of `gbs` samples consumed, trained on or skipped."""
+        s, tokens = self.state, gbs * self.cfg.model.seq_length
+        s.step += 1
+        s.consumed_samples += gbs
+        s.consumed_tokens += tokens
+        if not trained:
+            s.lr_skipped_samples += gbs
+            s.lr_skipped_tokens += tokens
+
+    def _skip_iteration(self) -> bool:
+        """Skips the next iteration when train.skip_iterations covers it: no forward, backward, optimizer or LR
+        scheduler step (Megatron-DeepSpeed's training.py `continue`s before train_step, which alone steps its
+        scheduler), while its batch is consumed at the ramp-up's size and it counts, so that the data and the
+        stop conditions are those of a run that trained it. One line and record per range entered."""
+        step = self.state.step + 1
+        covering = next(((a, b) for a, b in self.skip_ranges if a <= step <= b), None)
+        if covering is None:
+            return False
+        if self.skipping != covering:
+            self.skipping = covering
+            record = {"first": step, "last": covering[1], "range": list(covering)}
+            if self.penv.is_rank0:
+                print(
+                    f"skipping iterations {step} to {covering[1]} (train.skip_iterations {list(covering)}): "
+                    f"their batches are consumed untrained, the LR schedule holds"
+                )
+            if self.writer is not None:
+                self.writer.log(self.record("skip", record))
+        self._advance(self.batch_schedule.at(self.state.consumed_samples), trained=False)
+        return True
+
     # -- validation ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict | None:
-        if self.splits.valid is None or self.cfg.train.eval_iters == 0:
+        """val_loss and val_ppl; with data.valid's named sets, each set's too, as val_loss/<name>."""
+        if self.cfg.train.eval_iters == 0:
+            return None
+        if not self.valid_sets:
+            loss = self._valid_loss(self.splits.valid)
+            return None if loss is None else {"val_loss": loss, "val_ppl": perplexity(loss)}
+        losses = {name: self._valid_loss(dataset) for name, dataset in self.valid_sets.items()}
+        losses = {name: loss for name, loss in losses.items() if loss is not None}
+        if not losses:
+            return None
+        # val_loss stays one number (what TrainResult.last_val_loss reports and early stopping would read): the
+        # mean of the sets' losses weighted by data.valid[].weight.
+        weight = sum(self.valid_weights[name] for name in losses)
+        loss = sum(self.valid_weights[name] * value for name, value in losses.items()) / weight
+        values = {"val_loss": loss, "val_ppl": perplexity(loss)}
+        for name, value in losses.items():
+            values[f"val_loss/{name}"] = value
+            values[f"val_ppl/{name}"] = perplexity(value)
+        return values
+
+    def _valid_loss(self, dataset) -> float | None:
+        """The mean loss per token over the dataset's first eval_iters global batches."""
+        if dataset is None:
             return None
         self.parallel.train(False)
         gbs = self.cfg.train.global_batch_size
         total = torch.zeros(3, dtype=torch.float64, device=self.penv.device)
         # The same first eval_iters batches every time, so successive validation losses compare.
-        for i in range(min(self.cfg.train.eval_iters, len(self.splits.valid) // gbs)):
-            batches = list(self._micro_batches(self.splits.valid, i * gbs, gbs))
+        for i in range(min(self.cfg.train.eval_iters, len(dataset) // gbs)):
+            batches = list(self._micro_batches(dataset, i * gbs, gbs))
             total += self.parallel.forward_backward(batches, 1.0, train=False)
         self.penv.all_reduce_sum(total)
         if total[1] == 0:
             return None
-        loss = (total[0] / total[1]).item()
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        return (total[0] / total[1]).item()
 
     # -- the run -------------------------------------------------------------------------------------------
     def _throughput(self, step_seconds: float, gbs: int) -> dict:
@@ -277,7 +353,8 @@ class Trainer:
             return "iters"
         if tr.tokens is not None and self.state.consumed_tokens >= tr.tokens:
             return "tokens"
-        if tr.exit_interval is not None and self.state.step > 0 and self.state.step % tr.exit_interval == 0:
+        at_interval = tr.exit_interval is not None and self.state.step % tr.exit_interval == 0
+        if at_interval and self.state.step > self.job_first_step:
             return "exit_interval"
         # Signals and files reach ranks at different moments: the job acts on them when any rank saw one.
         elapsed = (time.monotonic() - self.start_time) / 60.0
@@ -391,6 +468,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
         self._resume()
+        # As Megatron's, exit_interval is checked after a step: a job resumed at a multiple of it trains on.
+        self.job_first_step = self.state.step
         total_steps = tr.iters if tr.iters is not None else 0
         if self.penv.is_rank0:
             self.writer = MetricsWriter(
@@ -409,10 +488,15 @@ class Trainer:
         if cfg.logging.carbon and self.penv.local_rank == 0:
             gpus = list(range(torch.cuda.device_count())) if self.penv.device.type == "cuda" else []
             self.carbon = NodeTracker(self.run_dir, cfg.cluster, cfg.logging.carbon_interval_s, gpus)
+        watchdog = run_watchdog(
+            tr.hang_timeout_minutes, self.run_dir, self.penv.rank, lambda: self.state.consumed_tokens
+        )
         try:
             if self.state.step == 0:
                 first_val = last_val = self._log_eval()
             while (reason := self._should_stop()) is None:
+                if self._skip_iteration():
+                    continue
                 t0 = time.perf_counter()
                 out = self.train_step()
                 out["step_time"] = time.perf_counter() - t0
@@ -428,6 +512,8 @@ class Trainer:
                     hook(self)
                 if self.state.step % cfg.checkpoint.interval == 0:
                     saved = self._save()
+                if watchdog is not None:
+                    watchdog.beat(self.state.step)
             if window:
                 self._log_train(window)
             if reason == "signal":
@@ -466,6 +552,8 @@ class Trainer:
                 )
             raise
         finally:
+            if watchdog is not None:
+                watchdog.stop()
             if self.carbon is not None:
                 self.carbon.stop()
             if self.writer is not None:
