@@ -202,7 +202,7 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
 
 def tokenizer_problems(data) -> list[str]:
     """data.tokenizer (a tokenizer.json) or the GPT-2 pair data.vocab_file and data.merge_file: one of them."""
-    gpt2 = [f"data.{name}" for name in ("vocab_file", "merge_file") if data[name] is not None]
+    gpt2 = [f"data.{name}" for name in ("vocab_file", "merge_file") if getattr(data, name) is not None]
     if data.tokenizer is not None and gpt2:
         return [
             f"data.tokenizer and {' and '.join(gpt2)} are both set: give a tokenizer.json or GPT-2's vocab and "
