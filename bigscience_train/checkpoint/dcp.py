@@ -22,6 +22,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -123,6 +124,17 @@ def rename_optim_state(optim_sd: dict, aliases: dict[str, str]) -> dict:
                 key = f"{section}.{new}{rest[len(old) :]}"
         renamed[key] = value
     return renamed
+
+
+@runtime_checkable
+class WholeState(Protocol):
+    """A model with its optimizer whose state is read and written whole, by our parameter names, in the
+    flattened layout get_state_dict gives (OPTIONS) instead of through it: DeepSpeed's engine
+    (parallel/deepspeed_engine.py). Every rank takes part in both calls."""
+
+    def full_state(self, optimizer: bool = True) -> dict: ...
+
+    def set_full_state(self, state: dict) -> None: ...
 
 
 class SingleProcess:
@@ -236,6 +248,8 @@ class CheckpointManager:
         return final
 
     def _state_dict(self, model, optimizer) -> dict:
+        if isinstance(model, WholeState):
+            return model.full_state()
         model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
         return {"model": model_sd, "optim": rename_optim_state(optim_sd, self.optim_aliases)}
 
@@ -331,11 +345,23 @@ class CheckpointManager:
         if json.loads((path / "meta.json").read_text()).get("weights_only"):
             raise ValueError(f"{path} holds weights only (an import): load it with train.finetune=true")
         to_load = self._state_dict(model, optimizer)
+        if isinstance(model, WholeState):
+            # Its param-group settings come from the run config: the other engine's may hold other keys.
+            to_load["optim"] = {
+                k: v for k, v in to_load["optim"].items() if not k.startswith("param_groups.")
+            }
         self._read(path, to_load)
-        optim_sd = rename_optim_state(to_load["optim"], {v: k for k, v in self.optim_aliases.items()})
-        set_state_dict(
-            model, optimizer, model_state_dict=to_load["model"], optim_state_dict=optim_sd, options=OPTIONS
-        )
+        if isinstance(model, WholeState):
+            model.set_full_state(to_load)
+        else:
+            optim_sd = rename_optim_state(to_load["optim"], {v: k for k, v in self.optim_aliases.items()})
+            set_state_dict(
+                model,
+                optimizer,
+                model_state_dict=to_load["model"],
+                optim_state_dict=optim_sd,
+                options=OPTIONS,
+            )
         rank_file = path / f"rank_{self.penv.rank:05d}.pt"
         if rank_file.is_file():
             set_rng_state(torch.load(rank_file, weights_only=True)["rng"])
@@ -344,6 +370,11 @@ class CheckpointManager:
     def load_weights(self, path: Path, model) -> None:
         """The model's weights alone (fine-tuning, evaluation), resharded to the model's layout."""
         self.wait_staged()
+        if isinstance(model, WholeState):
+            to_load = model.full_state(optimizer=False)
+            self._read(path, to_load)
+            model.set_full_state(to_load)
+            return
         to_load = {"model": get_model_state_dict(model)}
         self._read(path, to_load)
         set_model_state_dict(model, to_load["model"])

@@ -37,6 +37,17 @@ class DataParallelShard(str, Enum):
     zero3 = "zero3"
 
 
+class Engine(str, Enum):
+    native = "native"
+    deepspeed = "deepspeed"
+
+
+class Offload(str, Enum):
+    none = "none"
+    optimizer = "optimizer"
+    params = "params"
+
+
 class Recompute(str, Enum):
     none = "none"
     selective = "selective"
@@ -73,6 +84,15 @@ class ParallelConfig:
     # none: replicas; zero1: optimizer states and fp32 masters sharded over dp (BigScience's layout); zero2:
     # gradients too; zero3: parameters too (parallel/data.py).
     dp_shard: DataParallelShard = DataParallelShard.none
+    # native: this package's layouts; deepspeed: DeepSpeed's engine for data parallelism alone (tp = pp = 1), its
+    # ZeRO stage from dp_shard (parallel/deepspeed_engine.py).
+    engine: Engine = Engine.native
+    # engine=deepspeed: the optimizer states and fp32 masters (optimizer) or also the parameters (params, zero3)
+    # kept in CPU memory.
+    offload: Offload = Offload.none
+    # engine=deepspeed with zero3: parameters of fewer elements stay whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold: fewer latency-bound gathers for biases and layernorms).
+    zero3_persistence_threshold: int = 100_000
     # The dtype gradients are averaged over dp in; with bf16 or fp16 training, FSDP also gathers parameters
     # in the training dtype.
     reduce_dtype: Dtype = Dtype.fp32

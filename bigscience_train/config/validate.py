@@ -5,6 +5,7 @@ All problems are collected and raised together, each naming the fields and value
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import signal
 from pathlib import Path
@@ -98,6 +99,7 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
         "parallel.sequence_parallel=true works with model.position=alibi or rotary, not learned",
     )
 
+    problems += engine_problems(par)
     if par.dp is not None:
         need(par.dp >= 1, f"parallel.dp={par.dp} must be >= 1")
         need(
@@ -155,6 +157,10 @@ def config_problems(cfg: RunConfig, world_size: int = 1) -> list[str]:
     need(
         not tr.eval_tasks or par.pp == 1,
         f"train.eval_tasks with parallel.pp={par.pp}: zero-shot tasks are scored at tp x dp layouts only",
+    )
+    need(
+        not tr.eval_tasks or str(getattr(par.engine, "value", par.engine)) == "native",
+        "train.eval_tasks with parallel.engine=deepspeed: zero-shot tasks score our engine's model only",
     )
     need(cfg.checkpoint.interval >= 1, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 1")
     need(
@@ -286,6 +292,32 @@ def valid_set_problems(data) -> list[str]:
         elif shares is not None and shares[1] == 0:
             name = f"{where}.split" if vs.split is not None else "data.split"
             problems.append(f"{name}={split!r} gives {where} ({vs.name}) an empty valid split")
+    return problems
+
+
+def engine_problems(par) -> list[str]:
+    """parallel.engine=deepspeed's rules: data parallelism alone, offload with a ZeRO stage, the package."""
+    engine, offload, shard = (str(getattr(v, "value", v)) for v in (par.engine, par.offload, par.dp_shard))
+    if engine != "deepspeed":
+        return [] if offload == "none" else [f"parallel.offload={offload} needs parallel.engine=deepspeed"]
+    problems = [
+        f"parallel.engine=deepspeed runs data parallelism alone: parallel.{name}={getattr(par, name)} must be 1"
+        for name in ("tp", "pp")
+        if getattr(par, name) != 1
+    ]
+    if shard == "none":
+        needs = f"parallel.offload={offload}" if offload != "none" else "parallel.engine=deepspeed"
+        problems.append(f"{needs} needs a ZeRO stage: set parallel.dp_shard=zero1, zero2 or zero3")
+    elif offload == "params" and shard != "zero3":
+        problems.append(f"parallel.offload=params needs parallel.dp_shard=zero3, got {shard}")
+    if par.zero3_persistence_threshold < 0:
+        problems.append(
+            f"parallel.zero3_persistence_threshold={par.zero3_persistence_threshold} must be >= 0"
+        )
+    if importlib.util.find_spec("deepspeed") is None:
+        problems.append(
+            "parallel.engine=deepspeed needs the deepspeed package: pip install 'bigscience-train[deepspeed]'"
+        )
     return problems
 
 

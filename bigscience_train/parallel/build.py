@@ -49,6 +49,18 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
             setattr(module, name, cast[id(param)])
 
 
+def micro_batch_loss(
+    model: nn.Module, batch: dict, fused_output_loss: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the masked tokens' losses, their count) of one micro-batch through a whole model. The logits
+    (unfused) are local here: nothing saves them for backward, and they are freed before it runs."""
+    inputs = {key: batch[key] for key in BATCH_INPUTS if key in batch}
+    if fused_output_loss:
+        return model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"], **inputs)
+    logits = model(batch["tokens"], **inputs)
+    return masked_lm_loss_sum(logits, batch["labels"], batch["loss_mask"])
+
+
 class ParallelModel:
     """The rank's part of the model and how one step runs through it at this layout."""
 
@@ -137,16 +149,7 @@ class ParallelModel:
         for j, batch in enumerate(batches):
             if train and self.dims.dp > 1:
                 sync_micro_batch(model, self.dims.dp_shard, last=j == len(batches) - 1)
-            inputs = {key: batch[key] for key in BATCH_INPUTS if key in batch}
-            if self.fused_output_loss:
-                loss_sum, count = model(
-                    batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"], **inputs
-                )
-            else:
-                logits = model(batch["tokens"], **inputs)
-                loss_sum, count = masked_lm_loss_sum(logits, batch["labels"], batch["loss_mask"])
-                # Nothing saves the logits for backward: held here, they would stay alive through it.
-                del logits
+            loss_sum, count = micro_batch_loss(model, batch, self.fused_output_loss)
             if train:
                 loss = (loss_sum / count.clamp(min=1)) * (loss_scale / len(batches))
                 self.comm_wait.time_backward_tail(loss)

@@ -128,11 +128,20 @@ class Trainer:
             )
         seed_everything(tr.seed)
         self.dtype = cfg.precision.dtype.value
-        self.parallel = ParallelModel(self.shape, penv, tr.seed, self.dtype, tr.compile, tr.fused_output_loss)
+        if cfg.parallel.engine.value == "deepspeed":
+            # DeepSpeed's engine holds the model, our AdamW and its own fp16 loss scaler.
+            from bigscience_train.parallel.deepspeed_engine import DeepSpeedModel
+
+            self.parallel = DeepSpeedModel(cfg, self.shape, penv, build_optimizer)
+            self.optimizer, self.scaler = self.parallel.optimizer, self.parallel.scaler
+        else:
+            self.parallel = ParallelModel(
+                self.shape, penv, tr.seed, self.dtype, tr.compile, tr.fused_output_loss
+            )
+            self.optimizer = build_optimizer(self.parallel.model, cfg.optim, penv.device)
+            self.scaler = DynamicLossScaler.from_config(cfg.precision) if self.dtype == "fp16" else None
         self.model = self.parallel.model
         self.num_parameters = self.parallel.num_parameters
-        self.optimizer = build_optimizer(self.model, cfg.optim, penv.device)
-        self.scaler = DynamicLossScaler.from_config(cfg.precision) if self.dtype == "fp16" else None
 
         self.batch_schedule = BatchSizeSchedule.from_config(tr.global_batch_size, list(tr.rampup_batch_size))
         seq = cfg.model.seq_length
