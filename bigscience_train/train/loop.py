@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import socket
 import statistics
 import time
 from collections import deque
@@ -44,6 +43,7 @@ from bigscience_train.parallel.comm_wait import device_time
 from bigscience_train.parallel.env import ParallelEnv
 from bigscience_train.schedules import BatchSizeSchedule, LRSchedule, total_train_samples
 from bigscience_train.train.precision import DynamicLossScaler
+from bigscience_train.train.preflight import node_name
 from bigscience_train.train.stop import StopRequests
 from bigscience_train.train.watchdog import run_watchdog
 
@@ -599,7 +599,7 @@ class Trainer:
         the slowest, named (rank, node) when it is more than logging.straggler_pct slower than the median."""
         if self.penv.world_size == 1:
             return {}
-        times = self.penv.all_gather_object((busy_time, socket.gethostname()))
+        times = self.penv.all_gather_object((busy_time, node_name()))
         median = statistics.median(t for t, _ in times)
         slowest = max(range(len(times)), key=lambda r: times[r][0])
         slow_time, node = times[slowest]
