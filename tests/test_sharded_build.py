@@ -74,3 +74,18 @@ def test_data_parallel_traffic_per_step_follows_the_zero_mode_and_dtypes():
     # Unit by unit: no reduction carries the whole model at once.
     replicas = got["none:fp32:fp32"]
     assert replicas["largest"] < 0.5 * replicas["all_reduce float32"][1]
+
+
+def test_pipeline_stages_reduce_gradients_during_their_last_backward():
+    """A stage's units reduce over dp as autograd reaches them in its last micro-batch's backward, once per
+    step, at every schedule and ZeRO mode; none is left to the schedule's reduction after every backward (torch's
+    stage leaves them all there). Each stage of (pp=2, dp=2) with 4 blocks holds 3 units (its 2 blocks and its
+    root with the embedding or the output layer); interleaved, rank 0's two stages hold 2 and 1."""
+    check = Path(__file__).parent / "pipeline_overlap_check.py"
+    cases = ["0:1f1b:zero1:1", "2:1f1b:zero2:1", "0:interleaved_1f1b:zero3:2", "2:gpipe:none:1"]
+    out = subprocess.run([sys.executable, str(check), *cases], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {case: (r["during_backward"], r["after_backward"]) for case, r in got.items()} == {
+        case: (3, 0) for case in cases
+    }

@@ -12,7 +12,8 @@ gradients; between steps parameters are sharded, so the fp32 masters and AdamW's
 optimizer). zero2: gradients reduce-scattered after each micro-batch, so only shards accumulate. zero3:
 parameters also freed after each unit's forward and gathered again for backward.
 
-Through a pipeline, torch's schedule runs every unit like zero1 (one reduction after the last micro-batch).
+Through a pipeline every unit runs like zero1: whole gradients accumulate over the stage's micro-batches,
+and each unit's are reduced during the stage's last backward (parallel/pipeline.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining._backward import stage_backward
 from torch.distributed.pipelining.schedules import (
     Schedule1F1B,
     ScheduleGPipe,
@@ -147,8 +149,23 @@ class TimedStage(PipelineStage):
                 self._hold(self.grad_recv_info[bwd_chunk_id], False)
         return result
 
+    def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
+        """The stage's last micro-batch runs its backward with FSDP's gradient sync on, so each unit's
+        gradients are reduced as soon as autograd has them, overlapping the rest of that backward; torch's
+        own stage syncs none of them until every backward of the step is done (`perform_reduce_grad`,
+        which then finds nothing left to reduce and only waits)."""
+        if not (last_backward and backward_type == "full" and isinstance(self.submod, FSDPModule)):
+            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+        self.submod.set_is_last_backward(True)
+        self.submod.set_reshard_after_backward(True)
+        self.submod.set_requires_gradient_sync(True)
+        grads = stage_backward(
+            bwd_kwargs["stage_output"], bwd_kwargs["output_grads"], bwd_kwargs["input_values"]
+        )
+        return grads, None
+
     def perform_reduce_grad(self, *args, **kwargs):
-        # The data-parallel reduction the schedule runs after the last backward: communication, not compute.
+        # What the step still waits for of the data-parallel reduction after the last backward.
         return self._timed("reduce_seconds", super().perform_reduce_grad, *args, **kwargs)
 
 
