@@ -122,8 +122,11 @@ def load_lm(step_dir: Path, cfg: DictConfig, overrides: list[str], penv):
 
     saved = model_config(step_dir, cfg, overrides)
     dtype = saved.precision.dtype.value
-    # Allocated in the evaluation's precision and each shard read straight into it: no fp32 copy anywhere.
-    built = ParallelModel(penv.dims.model_shape(saved.model), penv, seed=0, weights_dtype=dtype)
+    # Allocated in the evaluation's precision and each shard read straight into it: no fp32 copy anywhere,
+    # and no random values drawn first.
+    built = ParallelModel(
+        penv.dims.model_shape(saved.model), penv, seed=0, weights_dtype=dtype, draw_weights=False
+    )
     CheckpointManager(step_dir.parent, penv).load_weights(step_dir, built.model)
     return BigScienceLM(
         built.model,

@@ -142,7 +142,7 @@ class GPT(nn.Module):
         """
         std = self.shape.init_std
         out_std = std / math.sqrt(2.0 * self.shape.num_layers)
-        self._tie_embeddings()
+        self.init_for_loading()
 
         def normal_(weight: torch.Tensor, name: str, std: float) -> None:
             local, offset = local_part(weight)
@@ -164,6 +164,11 @@ class GPT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 fill_(module.weight, 1.0)
                 fill_(module.bias, 0.0)
+
+    def init_for_loading(self) -> None:
+        """What init_weights does besides drawing values, for a model whose every weight is loaded next
+        (after `to_empty`): re-ties the embeddings and fills the non-persistent buffers."""
+        self._tie_embeddings()
         self.init_buffers()
 
     @torch.no_grad()

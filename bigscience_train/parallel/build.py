@@ -74,11 +74,14 @@ class ParallelModel:
         fused_output_loss: bool = False,
         storage: contextlib.AbstractContextManager | None = None,
         weights_dtype: str = "fp32",
+        draw_weights: bool = True,
     ):
         """storage: entered where the rank's shards are allocated and initialised (a dry run's
         FakeTensorMode); the meta model, its plans and its mesh are built outside it. weights_dtype: the
         dtype the parameters are allocated in (evaluation loads weights in its precision; training keeps
-        fp32 masters)."""
+        fp32 masters). draw_weights=False: the weights' values are left unset, for a caller that loads every
+        one of them next (a checkpoint's whole model: DCP refuses a partial load), so that start-up does not
+        draw a model's worth of random values only to overwrite them."""
         dims = penv.dims
         self.shape, self.penv, self.dims, self.dtype = shape, penv, dims, dtype
         self.num_parameters = count_parameters(build_on_meta(shape))
@@ -102,7 +105,10 @@ class ParallelModel:
                 apply_data_parallel(part, penv.mesh["dp"], dims.dp_shard, dtype, dims.reduce_dtype)
             with storage or contextlib.nullcontext():
                 part.to_empty(device=penv.device)
-                part.init_weights(seed, local_part)
+                if draw_weights:
+                    part.init_weights(seed, local_part)
+                else:
+                    part.init_for_loading()
         self.pipeline: Pipeline | None = None
         if dims.pp > 1:
             half = dtype != "fp32"
