@@ -14,14 +14,26 @@ DEMO_DATA := runs/demo_data
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 DEMO_NPROC ?= $(if $(filter 1,$(GPUS)),1,2)
 
+# transformers' own Megatron-DeepSpeed BLOOM converter, which the tests run on DeepSpeed's checkpoints: its
+# wheels after 4.45 leave it out, so it is taken from that wheel's file.
+BLOOM_CONVERTER := $(VENV)/share/bloom/convert_bloom_original_checkpoint_to_pytorch.py
+
 .PHONY: install demo test lint format bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(BLOOM_CONVERTER)
 
 $(VENV)/.installed: pyproject.toml constraints/cpu.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $@
+
+$(BLOOM_CONVERTER): | $(VENV)/.installed
+	$(BIN)/pip download --quiet --no-deps --dest $(VENV)/share/bloom transformers==4.45.2
+	$(BIN)/python -c "import sys, zipfile; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read( \
+		'transformers/models/bloom/convert_bloom_original_checkpoint_to_pytorch.py'))" \
+		$(VENV)/share/bloom/transformers-4.45.2-py3-none-any.whl $@.tmp
+	rm $(VENV)/share/bloom/transformers-4.45.2-py3-none-any.whl
+	mv $@.tmp $@
 
 $(DEMO_DATA)/stdlib.jsonl: | install
 	$(BIN)/bigscience data corpus --output $@

@@ -9,11 +9,13 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from bigscience_train.checkpoint.hf_export import export_hf
 from bigscience_train.checkpoint.megds_import import import_megds, loss_scale_state
@@ -242,6 +244,43 @@ def test_the_import_exported_to_hugging_face_computes_deepspeeds_loss(pp2_fp32, 
             mask = batch["loss_mask"].flatten().float()
             losses.append(((token_losses * mask).sum() / mask.sum()).item())
     assert sum(losses) / len(losses) == pytest.approx(truth["losses"][SAVED_AT], abs=1e-5)
+
+
+# transformers' converter of Megatron-DeepSpeed BLOOM checkpoints, put there by `make install` (Makefile).
+BLOOM_CONVERTER = Path(sys.prefix) / "share" / "bloom" / "convert_bloom_original_checkpoint_to_pytorch.py"
+
+
+@pytest.mark.parametrize("fixture", ["pp2_fp32", "tp2_bf16_stage0"])
+def test_transformers_converter_gives_the_model_our_import_exports(fixture, request, tmp_path):
+    """transformers' convert_bloom_original_checkpoint_to_pytorch on DeepSpeed's layer files (merging tensor-
+    parallel ranks at tp2, the two stages at pp2) gives, tensor for tensor, the BloomModel that export-hf of our
+    import of the same checkpoint holds."""
+    assert BLOOM_CONVERTER.is_file(), f"{BLOOM_CONVERTER} is missing: `make install` fetches it"
+    checkpoint = regular(request.getfixturevalue(fixture))
+    hf = export_hf(import_megds(checkpoint, tmp_path / "imported").out, tmp_path / "hf")
+    tp = 2 if fixture.startswith("tp2") else 1
+    converted = tmp_path / "converted"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BLOOM_CONVERTER),
+            f"--bloom_checkpoint_path={checkpoint}",
+            f"--pytorch_dump_folder_path={converted}",
+            f"--bloom_config_file={hf / 'config.json'}",
+            f"--pretraining_tp={tp}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    theirs = torch.load(converted / "pytorch_model.bin", weights_only=True)
+    ours = {k: v for shard in sorted(hf.glob("*.safetensors")) for k, v in load_file(shard).items()}
+    # The embedding and its layernorm, 12 tensors a block, the final layernorm.
+    assert len(theirs) == 3 + 12 * json.loads((hf / "config.json").read_text())["n_layer"] + 2
+    for name, tensor in theirs.items():
+        # In bf16 DeepSpeed's layer files hold the fp32 masters rounded; export-hf writes the masters.
+        assert torch.equal(ours[f"transformer.{name}"].to(tensor.dtype), tensor), name
 
 
 def test_tensor_parallel_bf16_optimizer_checkpoint_merges_to_deepspeeds_state(tp2_bf16_stage0, tmp_path):
