@@ -1,6 +1,7 @@
 """DeepSpeed's engine as the data-parallel layout (parallel.engine=deepspeed, tp = pp = 1): ZeRO 1-3 from
 parallel.dp_shard, CPU offload of the optimizer (parallel.offload=optimizer) or of the parameters too (params,
-ZeRO-3), for fine-tuning big models on few GPUs.
+ZeRO-3), for fine-tuning big models on few GPUs. ZeRO-3 builds the model one parameter at a time
+(build_module): no rank ever holds it whole.
 
 `deepspeed_config` derives DeepSpeed's JSON from the run config; `DeepSpeedModel` gives the trainer what
 `ParallelModel`, the optimizer and the fp16 loss scaler give it, mapped onto engine.backward and engine.step,
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
 
-from bigscience_train.model.gpt import build_on_meta, count_parameters
+from bigscience_train.model.gpt import GPT, build_on_meta, count_parameters
 from bigscience_train.model.shape import GPTShape
 from bigscience_train.parallel.build import micro_batch_loss
 from bigscience_train.parallel.comm_wait import CommWait
@@ -89,6 +92,72 @@ def init_deepspeed(device_type: str):
     return deepspeed
 
 
+def hold_places(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Replaces the meta module's parameters with tensors of their shapes on `device` backed by one element
+    (zero strides), for the optimizer and the names to be taken before any storage is allocated: a meta
+    parameter cannot take storage in place, and the optimizer must hold the parameters DeepSpeed trains. Tied
+    parameters stay one; buffers (a few values) get their storage."""
+    placed: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if id(param) not in placed:
+                data = torch.empty_strided(param.shape, (0,) * param.ndim, dtype=dtype, device=device)
+                placed[id(param)] = nn.Parameter(data, requires_grad=param.requires_grad)
+            setattr(sub, name, placed[id(param)])
+        for name, buffer in list(sub.named_buffers(recurse=False)):
+            sub._buffers[name] = torch.empty_like(buffer, device=device)
+
+
+class WholeWhileDrawn:
+    """init_weights' local_part (model/init.py) for parameters hold_places placed: each gets its whole storage
+    when init_weights comes to it and, with `partition` (ZeRO-3), is partitioned when init_weights moves on, so
+    that a rank holds one whole parameter beyond its partitions. The tied output layer, visited after the
+    embedding, draws the same values into it again, or nothing once it is partitioned (no elements here)."""
+
+    def __init__(self, partition: Callable[[list[nn.Parameter]], None] | None):
+        self.partition, self.drawing, self.allocated = partition, None, set()
+
+    def __call__(self, param: nn.Parameter) -> tuple[torch.Tensor, tuple[int, ...]]:
+        if id(param) not in self.allocated:
+            self.finish()
+            self.allocated.add(id(param))
+            param.data = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+            self.drawing = param
+        return param, (0,) * param.ndim
+
+    def finish(self) -> None:
+        if self.drawing is not None and self.partition is not None:
+            self.partition([self.drawing])
+        self.drawing = None
+
+
+def build_module(
+    cfg, shape: GPTShape, penv: ParallelEnv, zero_init, build_optimizer
+) -> tuple[GPT, Optimizer]:
+    """The model with our engine's initial values (init_weights: drawn per whole parameter), and the client
+    optimizer on its parameters. With `zero_init` (ZeRO-3: a deepspeed.zero.Init of the run's config) each
+    parameter is allocated in the training dtype, converted by DeepSpeed into this rank's partition (on the
+    offload device of the config, pinned where it says) as soon as it has its values, and freed: a rank never
+    holds more than one whole parameter beyond its partitions. Without, the whole fp32 model (ZeRO-1/2 keep
+    it, and deepspeed.initialize casts it to the training dtype)."""
+    module = build_on_meta(shape)
+    apply_recompute(module, penv.dims.recompute)
+    if cfg.train.compile:
+        for block in module.transformer.h.values():
+            block.compile()
+    hold_places(module, penv.device, zero_init.dtype if zero_init else torch.float32)
+    client = build_optimizer(module, cfg.optim, penv.device)
+    # zero.Init's conversion of a whole parameter: each rank keeps its partition of rank 0's values (every
+    # rank draws the same ones).
+    draw = WholeWhileDrawn(zero_init._convert_to_zero_parameters if zero_init else None)
+    module.init_weights(cfg.train.seed, draw)
+    draw.finish()
+    left = [name for name, param in module.named_parameters() if id(param) not in draw.allocated]
+    if left:
+        raise RuntimeError(f"init_weights gave no values to {left}")
+    return module, client
+
+
 class DeepSpeedLossScale:
     """The trainer's view of DeepSpeed's fp16 loss scaler: DeepSpeed updates it inside engine.step, so
     update() has nothing to do; its state converts to and from our DynamicLossScaler's."""
@@ -150,24 +219,19 @@ class DeepSpeedModel:
             )
         tr = cfg.train
         self.penv, self.micro_batch_size = penv, tr.micro_batch_size
-        module = build_on_meta(shape)
-        self.num_parameters = count_parameters(module)
-        apply_recompute(module, penv.dims.recompute)
-        if tr.compile:
-            for block in module.transformer.h.values():
-                block.compile()
-        module.to_empty(device=penv.device)
-        module.init_weights(tr.seed)
-        client = build_optimizer(module, cfg.optim, penv.device)
-        # Each parameter's whole shape and every name (a tied one has two), and its param group, before DeepSpeed
-        # partitions and flattens them.
-        self.names = {}
-        for name, param in module.named_parameters(remove_duplicate=False):
-            self.names.setdefault(id(param), (param, param.shape, []))[2].append(name)
-        self.group_of = {id(p): i for i, g in enumerate(client.param_groups) for p in g["params"]}
+        self.num_parameters = count_parameters(build_on_meta(shape))
         deepspeed = init_deepspeed(penv.device.type)
         config = deepspeed_config(cfg, penv.dp, penv.device.type)
         stage = config["zero_optimization"]["stage"]
+        zero_init = deepspeed.zero.Init(config_dict_or_path=config) if stage == 3 else None
+        module, client = build_module(cfg, shape, penv, zero_init, build_optimizer)
+        # Each parameter's whole shape and every name (a tied one has two), and its param group: DeepSpeed
+        # partitions and flattens them.
+        self.names = {}
+        for name, param in module.named_parameters(remove_duplicate=False):
+            shape_of = getattr(param, "ds_shape", param.shape)
+            self.names.setdefault(id(param), (param, shape_of, []))[2].append(name)
+        self.group_of = {id(p): i for i, g in enumerate(client.param_groups) for p in g["params"]}
         self.fused_output_loss = tr.fused_output_loss
         if stage == 3 and self.fused_output_loss and module.lm_head is not None:
             # The fused output layer reads lm_head.weight in GPT.forward, outside the submodule ZeRO-3 gathers.
