@@ -25,6 +25,7 @@ COMMON = [o for o in PARALLEL if not o.startswith("train.iters=")] + [
     "checkpoint.interval=3",
 ]
 ENGINES = {
+    "zero1": ["parallel.dp_shard=zero1"],
     "zero2_offload_optimizer": ["parallel.dp_shard=zero2", "parallel.offload=optimizer"],
     # Every parameter partitioned, however small (gpt_tiny's are all under DeepSpeed's default threshold).
     "zero3_offload_params": [
