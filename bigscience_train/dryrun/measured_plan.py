@@ -35,6 +35,7 @@ def compare(cfg, measurement: dict) -> dict[str, list[Row]]:
         Row(kind, sum(estimate.terms.get(t, 0.0) for t in terms), measurement["memory"].get(kind, 0))
         for kind, terms in MEASURED_KINDS.items()
     ]
+    memory.append(Row("activations", estimate.transient, measurement["memory"].get("activations", 0)))
     memory.append(Row("peak", estimate.peak, measurement["peak"]))
     predicted = stage_traffic(cfg, layout, cfg.train.global_batch_size, stage)
     measured = {dim: sum(b for _, b in kinds.values()) for dim, kinds in measurement["collectives"].items()}
@@ -43,23 +44,24 @@ def compare(cfg, measurement: dict) -> dict[str, list[Row]]:
     return {"memory": memory, "traffic": traffic}
 
 
-def _measure_in_child(overrides: list[str], rank: int, fake: bool, queue) -> None:
+def _measure_in_child(overrides: list[str], rank: int, fake: bool, shorten: bool, queue) -> None:
     from bigscience_train.config import load_config
     from bigscience_train.dryrun.rank_step import measure_rank
 
     try:
-        queue.put(measure_rank(load_config(overrides), rank, fake).to_dict())
+        queue.put(measure_rank(load_config(overrides), rank, fake, shorten).to_dict())
     except BaseException as e:
         queue.put(e)
         raise
 
 
-def measure(overrides: list[str], rank: int, fake: bool) -> dict:
+def measure(overrides: list[str], rank: int, fake: bool, shorten: bool = True) -> dict:
     """One rank measured in a process of its own: a process is one rank of one process group (DeviceMesh
-    keeps its groups in process-wide caches), and frees everything it built when it ends."""
+    keeps its groups in process-wide caches), and frees everything it built when it ends. `shorten`: on
+    fewer micro-batches where that measures the same (rank_step.equivalent_micro_batches)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_measure_in_child, args=(overrides, rank, fake, queue))
+    child = context.Process(target=_measure_in_child, args=(overrides, rank, fake, shorten, queue))
     child.start()
     result = queue.get()
     child.join()
@@ -68,7 +70,9 @@ def measure(overrides: list[str], rank: int, fake: bool) -> dict:
     return result
 
 
-def measure_plan(cfg, overrides: list[str], ranks: list[int] | None, mode: str) -> list[dict]:
+def measure_plan(
+    cfg, overrides: list[str], ranks: list[int] | None, mode: str, shorten: bool = True
+) -> list[dict]:
     """Each rank of the job `overrides` configure (`cfg`) measured and compared; ranks None: the heaviest
     (first and last pipeline stage)."""
     from bigscience_train.dryrun.rank_step import fits_for_real, heaviest_ranks, rank_coords
@@ -83,7 +87,7 @@ def measure_plan(cfg, overrides: list[str], ranks: list[int] | None, mode: str) 
         stage = rank_coords(dims, rank)["pp"]
         predicted_peak = stage_memory(cfg, layout, cfg.train.global_batch_size, stage).peak
         fake = mode == "fake" or (mode == "auto" and not fits_for_real(cfg, dims, predicted_peak))
-        measurement = measure(overrides, rank, fake)
+        measurement = measure(overrides, rank, fake, shorten)
         rows = compare(cfg, measurement)
         results.append(
             {
@@ -110,7 +114,8 @@ def format_measured(results: list[dict]) -> str:
         coords = " ".join(f"{d}={i}" for d, i in m["coords"].items())
         lines.append(
             f"rank {m['rank']} ({coords}; stages {m['stages']}), {m['mode']}: built in {m['build_seconds']:.1f} s "
-            f"(peak {m['build_peak'] / GIB:.2f} GiB), one step in {m['step_seconds']:.1f} s"
+            f"(peak {m['build_peak'] / GIB:.2f} GiB), one step in {m['step_seconds']:.1f} s "
+            f"({m['micro_batches_run'][0]} of its {m['micro_batches']} micro-batches)"
         )
         unit, scale = ("GiB", GIB) if m["peak"] >= 0.5 * GIB else ("MiB", 2**20)
         lines.append(f"  {f'memory ({unit})':<22}{'predicted':>10}{'measured':>10}{'error':>8}")

@@ -6,6 +6,9 @@ one step of the job's schedule (every micro-batch of its global batch) under a s
 collective recorder. Collectives return at once and move nothing: values are
 meaningless, shapes, memory and traffic are rank R's.
 
+A 1F1B step of many micro-batches is measured on fewer (`equivalent_micro_batches`): its memory is the same,
+and its traffic, affine in the micro-batch count, is that of two short steps extrapolated to the job's count.
+
 Where the rank's step is too big for this machine it runs under FakeTensorMode: tensors have shapes and
 storages but no data, and nothing is computed. The scalar decisions of a real step that need values (skip on
 overflow, clip or not) are left out; their collectives are issued all the same.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -27,7 +31,7 @@ from torch.utils._pytree import tree_leaves
 from bigscience_train.config.validate import cluster_world_size
 from bigscience_train.dryrun.collectives import CollectiveRecorder, mesh_group_dims
 from bigscience_train.dryrun.fake_rank import init_fake_rank
-from bigscience_train.dryrun.storages import StorageTracker
+from bigscience_train.dryrun.storages import StorageTracker, leaf_tensors
 from bigscience_train.metrics.flops import flops_per_iteration
 from bigscience_train.parallel.build import ParallelModel
 from bigscience_train.parallel.dims import MESH_DIMS, ParallelDims
@@ -48,6 +52,8 @@ class RankMeasurement:
     mode: str  # "real": computed on this CPU; "fake": shapes and storages only
     build_seconds: float
     step_seconds: float
+    micro_batches: int  # the job's micro-batches per step, which the traffic is reported for
+    micro_batches_run: list[int]  # those of the measured step, and of the traffic's second step if any
     build_peak: int  # bytes alive at the build's peak
     memory: dict[str, int]  # each kind of memory at its largest during the step, bytes
     peak: int  # the step's peak, every kind together
@@ -138,9 +144,13 @@ def fsdp_params(parts) -> list:
     return found
 
 
-def memory_kinds(parallel: ParallelModel, optimizer) -> dict[str, list[torch.Tensor]]:
+def memory_kinds(
+    parallel: ParallelModel, optimizer, named_gradients: weakref.WeakValueDictionary
+) -> dict[str, list[torch.Tensor]]:
     """The rank's tensors by what they are, as they stand when called: FSDP swaps gathered parameters in and
-    out of the modules during a step."""
+    out of the modules during a step. A gradient stays one until it is freed: FSDP takes a unit's whole
+    gradients off its parameters to reduce them, and `named_gradients` (weak, filled here) keeps naming them
+    until then; the reduce-scatter's input buffer, a copy of them, is a buffer (activations)."""
     parts = parallel.pipeline.parts if parallel.pipeline is not None else [parallel.model]
     sharded = parallel.params
     held = {id(p) for p in sharded}
@@ -151,8 +161,13 @@ def memory_kinds(parallel: ParallelModel, optimizer) -> dict[str, list[torch.Ten
     buffers += [t for part in parts for t in tree_leaves(part.mask_cache) if isinstance(t, torch.Tensor)]
     gradients = [p.grad for p in (*sharded, *current) if p.grad is not None]
     gradients += [f.unsharded_accumulated_grad for f in managed if f.unsharded_accumulated_grad is not None]
+    # Their plain tensors: FSDP hands a DTensor gradient's local tensor to the reduction and drops the DTensor.
+    named_gradients.update((id(g), g) for grad in gradients for g in leaf_tensors(grad))
+    gradients = list(named_gradients.values())
     gathered = [p for p in current if id(p) not in held]
     gathered += [f._unsharded_param for f in managed if hasattr(f, "_unsharded_param")]
+    # Their storage, which the first gather fills before the parameter that views it exists.
+    gathered += [t for f in managed for t in getattr(f, "all_gather_outputs", ())]
     return {
         "weights": list(sharded),
         "optimizer states": states,
@@ -170,15 +185,44 @@ def create_optimizer_states(parallel: ParallelModel, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure_rank(cfg, rank: int, fake: bool) -> RankMeasurement:
-    """Builds rank `rank` of the configured job here and measures one training step of it."""
+def equivalent_micro_batches(dims: ParallelDims, micro_batches: int) -> int:
+    """The fewest micro-batches whose 1F1B step has the memory of `micro_batches`' step: stage k holds at most
+    min(pp - k, m) micro-batches in flight, reached within the warm-up, and every steady-state micro-batch
+    after the first repeats the same allocations; the whole gradients are accumulated from the first
+    backward, reduced in the last. pp + 1 keeps a steady-state micro-batch in. GPipe (every micro-batch in
+    flight), interleaved schedules and the loop without a pipeline run every micro-batch."""
+    if dims.pp == 1 or dims.pp_schedule != "1f1b":
+        return micro_batches
+    return min(micro_batches, dims.pp + 1)
+
+
+def extrapolated(
+    first: dict[tuple, tuple[int, int]], second: dict[tuple, tuple[int, int]], steps: int
+) -> dict[tuple, tuple[int, int]]:
+    """Each collective's (count, bytes) `steps` micro-batches past the first summary, the second being one
+    micro-batch past it: a 1F1B step's traffic is affine in its micro-batch count (the same messages each
+    micro-batch, the data-parallel gather and reduction once a step)."""
+    return {
+        key: tuple(
+            a + steps * (b - a) for a, b in zip(first.get(key, (0, 0)), second.get(key, (0, 0)), strict=True)
+        )
+        for key in first.keys() | second.keys()
+    }
+
+
+def measure_rank(cfg, rank: int, fake: bool, shorten: bool = True) -> RankMeasurement:
+    """Builds rank `rank` of the configured job here and measures one training step of it; `shorten`: on
+    equivalent_micro_batches, its traffic extrapolated from a second step one micro-batch longer."""
     dims = ParallelDims.from_config(cfg, cluster_world_size(cfg.cluster))
     shape, tr = dims.model_shape(cfg.model), cfg.train
     dtype = cfg.precision.dtype.value
     loss_scale = float(2**cfg.precision.initial_scale_power) if dtype == "fp16" else 1.0
+    micro_batches = dims.micro_batches(tr.global_batch_size, tr.micro_batch_size)
+    run = equivalent_micro_batches(dims, micro_batches) if shorten else micro_batches
     penv = init_fake_rank(dims, rank, "cpu")
     # The mesh and the plans are built on real (meta) tensors: DeviceMesh computes with its rank tensors.
     storage = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    group_dims = mesh_group_dims(penv.mesh)
     try:
         with StorageTracker(dict, fake) as build:
             start = time.perf_counter()
@@ -186,19 +230,26 @@ def measure_rank(cfg, rank: int, fake: bool) -> RankMeasurement:
             build_seconds = time.perf_counter() - start
         with storage, static_pipeline_vote():
             optimizer = build_optimizer(parallel.model, cfg.optim, penv.device)
-            batches = synthetic_batches(
-                cfg, dims.micro_batches(tr.global_batch_size, tr.micro_batch_size), penv.device
-            )
             create_optimizer_states(parallel, optimizer)
-            tracker = StorageTracker(lambda: memory_kinds(parallel, optimizer), fake)
-            with tracker, CollectiveRecorder(mesh_group_dims(penv.mesh)) as recorder:
+            named_gradients = weakref.WeakValueDictionary()
+            tracker = StorageTracker(lambda: memory_kinds(parallel, optimizer, named_gradients), fake)
+            with tracker, CollectiveRecorder(group_dims) as recorder:
                 start = time.perf_counter()
-                train_step(parallel, optimizer, penv, batches, loss_scale)
+                train_step(parallel, optimizer, penv, synthetic_batches(cfg, run, penv.device), loss_scale)
                 step_seconds = time.perf_counter() - start
+            traffic = recorder.summary()
+            runs = [run]
+            if run < micro_batches:
+                with CollectiveRecorder(group_dims) as longer:
+                    train_step(
+                        parallel, optimizer, penv, synthetic_batches(cfg, run + 1, penv.device), loss_scale
+                    )
+                traffic = extrapolated(traffic, longer.summary(), micro_batches - run)
+                runs.append(run + 1)
     finally:
         dist.destroy_process_group()
     collectives: dict[str, dict[str, list[int]]] = {}
-    for (dim, kind, dt), (count, size) in sorted(recorder.summary().items()):
+    for (dim, kind, dt), (count, size) in sorted(traffic.items()):
         collectives.setdefault(dim, {})[f"{kind} {dt}"] = [count, size]
     return RankMeasurement(
         rank=rank,
@@ -207,6 +258,8 @@ def measure_rank(cfg, rank: int, fake: bool) -> RankMeasurement:
         mode="fake" if fake else "real",
         build_seconds=build_seconds,
         step_seconds=step_seconds,
+        micro_batches=micro_batches,
+        micro_batches_run=runs,
         build_peak=build.peak,
         memory=dict(tracker.max_kinds),
         peak=tracker.peak,

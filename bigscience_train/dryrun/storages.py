@@ -7,6 +7,10 @@ Storages come from three places: every tensor alive when tracking starts (found 
 every tensor an operation returns, and storages resized in place (FSDP frees and refills its gathered
 parameters that way, outside the dispatcher). Under FakeTensorMode only fake tensors count: their storages are
 what the real run would allocate, while meta tensors (example shapes) allocate nothing anywhere.
+
+The kinds are sampled when the next operation is dispatched, not inside the one that allocated: an operation's
+result is named by where the code stores it (FSDP's fp32 copy of a gradient becomes a gradient once assigned),
+and until then it would count as an activation.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class StorageTracker(TorchDispatchMode):
         self.max_kinds: Counter = Counter()
         self._sampled_peak = 0
         self._ops = 0
+        # A new peak whose kinds are sampled at the next operation.
+        self._peak_pending = False
         self._resize = torch.UntypedStorage.resize_
 
     # -- which storages ------------------------------------------------------------------------------
@@ -92,7 +98,9 @@ class StorageTracker(TorchDispatchMode):
         return forget
 
     # -- sampling ------------------------------------------------------------------------------------
-    def sample(self) -> None:
+    def sample(self, at_peak: bool = False) -> None:
+        """The kinds as they stand now; `at_peak`: the first sample since a new peak, which they are recorded
+        as (frees since the peak's operation, if any, are not in them)."""
         named: dict[int, str] = {}
         for kind, tensors in self.kinds().items():
             for t in tensors:
@@ -109,8 +117,8 @@ class StorageTracker(TorchDispatchMode):
             self.max_other_ops = dict(other_ops.most_common(8))
         for kind, size in by_kind.items():
             self.max_kinds[kind] = max(self.max_kinds[kind], size)
-        if self.total >= self._sampled_peak:
-            self._sampled_peak = self.total
+        if at_peak or self.total >= self._sampled_peak:
+            self._sampled_peak = self.peak if at_peak else self.total
             self.peak_kinds = dict(by_kind)
             self.peak_other_ops = dict(other_ops.most_common(8))
 
@@ -118,10 +126,13 @@ class StorageTracker(TorchDispatchMode):
         if self.total > self.peak:
             self.peak = self.total
             if self.total > self._sampled_peak * (1 + PEAK_RESOLUTION):
-                self.sample()
+                self._peak_pending = True
 
     # -- the dispatch mode ---------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self._peak_pending or self._ops % SAMPLE_EVERY == 0:
+            self.sample(at_peak=self._peak_pending)
+            self._peak_pending = False
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
@@ -129,8 +140,6 @@ class StorageTracker(TorchDispatchMode):
                     self._add(st, func.__name__)
         self._after_allocation()
         self._ops += 1
-        if self._ops % SAMPLE_EVERY == 0:
-            self.sample()
         return out
 
     def __enter__(self):
@@ -155,5 +164,5 @@ class StorageTracker(TorchDispatchMode):
 
     def __exit__(self, *exc):
         torch.UntypedStorage.resize_ = self._resize
-        self.sample()
+        self.sample(at_peak=self._peak_pending)
         return super().__exit__(*exc)

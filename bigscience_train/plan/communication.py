@@ -14,8 +14,8 @@ under data-parallel mixed precision, else 4), sbh = s b h (divided by t with seq
   their gradients backward (the column-parallel inputs), one more with full recompute (the recomputed
   forward stops at the last activation backward needs); the vocab-parallel embedding's output on the first
   stage, the output layer's input gradient on the last.
-- pp: every micro batch's activations go forward and its gradients back across each stage boundary the stage
-  has, x sbh each; first and last stage exchange their copies of the tied embedding's gradient, 4 V h / t
+- pp: every micro batch's activations go forward and its gradients back across each stage boundary the rank's
+  model parts have (v of them with interleaved stages), x sbh each; first and last stage exchange their copies of the tied embedding's gradient, 4 V h / t
   (/ d when sharded), once.
 Scalars (loss totals, norms, decisions) are left out: bytes, not latency, are what this counts.
 """
@@ -50,7 +50,10 @@ def stage_traffic(cfg, layout: Layout, global_batch: int, stage: int) -> dict[st
         edges = int(rank.has_embedding) + int(rank.has_output)
         traffic["tp"] = m * (rank.layers * per_layer + edges) * x * sbh
     if p > 1:
-        boundaries = int(stage > 0) + int(stage < p - 1)
+        # The rank's model parts are pipeline stages k, k + p, ... of p v (interleaved: v > 1).
+        v = dims.virtual_stages
+        parts = [stage + j * p for j in range(v)]
+        boundaries = sum(int(s > 0) + int(s < p * v - 1) for s in parts)
         tied = 0.0
         if shape.tie_embeddings and (rank.has_embedding or rank.has_output):
             tied = 4 * shape.vocab_size * shape.hidden_size / t / (d if dims.fsdp else 1)
