@@ -15,8 +15,8 @@ under data-parallel mixed precision, else 4), sbh = s b h (divided by t with seq
   forward stops at the last activation backward needs); the vocab-parallel embedding's output on the first
   stage, the output layer's input gradient on the last.
 - pp: every micro batch's activations go forward and its gradients back across each stage boundary the rank's
-  model parts have (v of them with interleaved stages), x sbh each; first and last stage exchange their copies of the tied embedding's gradient, 4 V h / t
-  (/ d when sharded), once.
+  model parts have (v of them with interleaved stages), x sbh each; first and last stage exchange their copies
+  of the tied embedding's gradient, 4 V h / t (/ d when sharded), once.
 Scalars (loss totals, norms, decisions) are left out: bytes, not latency, are what this counts.
 """
 
